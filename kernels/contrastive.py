@@ -1,0 +1,127 @@
+"""Public API of the contrastive losses: CLIP, SimCLR (NT-Xent) and SLIP = CLIP + SSL.
+
+The functions normalise the raw embeddings, gather every tensor the loss needs from all
+ranks with one gradient-carrying all-gather, and hand the rows to a backend registered
+by name. Each rank's result is the mean over its own rows against all W*b candidates;
+averaged over ranks (as the engine averages gradients) it is the global-batch loss.
+
+    from kernels import contrastive
+    out = contrastive.slip_loss(image, text, logit_scale, aug1, aug2, group=group)
+    out["loss"].backward()
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import collectives, reference
+
+
+class Backend(NamedTuple):
+    """Row kernels with the signatures of kernels/reference.py's `clip` and `simclr`."""
+
+    clip: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int], tuple[Tensor, Tensor]]
+    simclr: Callable[[Tensor, Tensor, Tensor, Tensor, float, int], tuple[Tensor, Tensor]]
+
+
+_REGISTRY: dict[str, Backend] = {
+    "reference": Backend(clip=reference.clip, simclr=reference.simclr),
+}
+BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
+DEFAULT_BACKEND = "reference"  # becomes "chunked" once that backend exists
+
+
+def _backend(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown contrastive backend {name!r}; available: {', '.join(BACKENDS)}") from None
+
+
+def _normalise(*embeds: Tensor) -> list[Tensor]:
+    """L2-normalise [b, d] embeddings in at least fp32 (bf16 dot products of unit vectors
+    lose the digits the loss lives on); fp64 stays fp64 so gradcheck works."""
+    b = embeds[0].shape[0]
+    for e in embeds:
+        if e.dim() != 2 or e.shape[0] != b:
+            shapes = ", ".join(str(tuple(t.shape)) for t in embeds)
+            raise ValueError(f"embeddings must be [b, d] with the same b, got {shapes}")
+    dtype = torch.promote_types(torch.float32, embeds[0].dtype)
+    for e in embeds[1:]:
+        dtype = torch.promote_types(dtype, e.dtype)
+    return [F.normalize(e.to(dtype), dim=-1) for e in embeds]  # each (b, d_k)
+
+
+def clip_loss(
+    image_embed: Tensor,
+    text_embed: Tensor,
+    logit_scale: Tensor,
+    *,
+    backend: str = DEFAULT_BACKEND,
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, Tensor]:
+    """CLIP InfoNCE. image_embed, text_embed: [b, d]; logit_scale: [1], already exp()'d.
+
+    Returns {"loss", "clip_loss", "clip_acc"} (acc: image-to-text top-1, percent)."""
+    impl = _backend(backend)
+    rank, _ = collectives.rank_and_world(group)
+    x, y = _normalise(image_embed, text_embed)  # (b, d) each
+    x_all, y_all = collectives.gather_all([x, y], group)  # (B, d) each
+    loss, acc = impl.clip(x, y, x_all, y_all, logit_scale.to(x.dtype), rank * x.shape[0])
+    return {"loss": loss, "clip_loss": loss, "clip_acc": acc}
+
+
+def simclr_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float,
+    *,
+    backend: str = DEFAULT_BACKEND,
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, Tensor]:
+    """NT-Xent over two views z1, z2: [b, d]. Returns {"loss", "ssl_loss", "ssl_acc"}."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    impl = _backend(backend)
+    rank, _ = collectives.rank_and_world(group)
+    a, b = _normalise(z1, z2)  # (b, d) each
+    a_all, b_all = collectives.gather_all([a, b], group)  # (B, d) each
+    loss, acc = impl.simclr(a, b, a_all, b_all, float(temperature), rank * a.shape[0])
+    return {"loss": loss, "ssl_loss": loss, "ssl_acc": acc}
+
+
+def slip_loss(
+    image_embed: Tensor,
+    text_embed: Tensor,
+    logit_scale: Tensor,
+    aug1_embed: Tensor,
+    aug2_embed: Tensor,
+    *,
+    ssl_scale: float = 1.0,
+    ssl_temp: float = 0.1,
+    backend: str = DEFAULT_BACKEND,
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, Tensor]:
+    """SLIP: clip_loss + ssl_scale * simclr_loss, with one all-gather for all four
+    embeddings. Returns {"loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc"}."""
+    if ssl_temp <= 0:
+        raise ValueError(f"ssl_temp must be positive, got {ssl_temp}")
+    impl = _backend(backend)
+    rank, _ = collectives.rank_and_world(group)
+    x, y, a, b = _normalise(image_embed, text_embed, aug1_embed, aug2_embed)  # (b, d_k) each
+    x_all, y_all, a_all, b_all = collectives.gather_all([x, y, a, b], group)  # (B, d_k) each
+    offset = rank * x.shape[0]
+    clip, clip_acc = impl.clip(x, y, x_all, y_all, logit_scale.to(x.dtype), offset)
+    ssl, ssl_acc = impl.simclr(a, b, a_all, b_all, float(ssl_temp), offset)
+    return {
+        "loss": clip + ssl_scale * ssl,
+        "clip_loss": clip,
+        "ssl_loss": ssl,
+        "clip_acc": clip_acc,
+        "ssl_acc": ssl_acc,
+    }

@@ -1,0 +1,100 @@
+"""Memory-mapped access to a converted dataset: every sample's JPEG bytes, tokens and text.
+
+Shards are opened with FFCV's own header/metadata reader, then memory-mapped once; a
+sample's JPEG is a zero-copy view into the map. A missing, truncated or foreign shard is
+a DatasetError naming the file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.ffcv_compat import HeaderType, Reader
+from pipeline.schema import FIELD_NAMES, DatasetError, read_manifest
+
+
+class _Shard:
+    def __init__(self, path: Path, expected_samples: int, captions_per_image: int, context_length: int) -> None:
+        if not path.is_file():
+            raise DatasetError(f"{path}: no such shard")
+        size = path.stat().st_size
+        if size < HeaderType.itemsize:
+            raise DatasetError(f"{path}: truncated .beton ({size} bytes)")
+        header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+        if header["alloc_table_ptr"] > size:
+            raise DatasetError(f"{path}: truncated .beton (allocation table at byte {header['alloc_table_ptr']}, file has {size})")
+        try:
+            reader = Reader(str(path))
+        except Exception as err:  # FFCV raises AssertionError/ValueError/IndexError on foreign bytes
+            raise DatasetError(f"{path}: not a readable .beton ({type(err).__name__})") from None
+        if tuple(reader.field_names) != FIELD_NAMES:
+            raise DatasetError(f"{path}: fields {reader.field_names}, expected schema v1 {list(FIELD_NAMES)}")
+        if reader.num_samples != expected_samples:
+            raise DatasetError(f"{path}: {reader.num_samples} samples, manifest says {expected_samples}")
+        table = reader.alloc_table
+        ends = table["ptr"] + table["size"] if len(table) else np.zeros(0, dtype=np.uint64)
+        if len(ends) and int(ends.max()) > size:
+            raise DatasetError(f"{path}: truncated .beton (data runs past the end of the file)")
+        if len(table) != 3 * expected_samples:  # image, tokens and text allocate once per sample
+            raise DatasetError(f"{path}: truncated .beton (allocation table has {len(table)} entries)")
+
+        self.path = path
+        self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        meta = reader.metadata
+        order = np.argsort(table["ptr"])
+        ptrs, sizes = table["ptr"][order], table["size"][order]
+        self.image_ptr = meta["f0"]["data_ptr"].astype(np.int64)
+        self.image_size = sizes[np.searchsorted(ptrs, meta["f0"]["data_ptr"])].astype(np.int64)
+        self.tokens_ptr = meta["f1"].astype(np.int64)
+        self.n_captions = meta["f2"].astype(np.int64)
+        self.text_ptr = meta["f4"]["ptr"].astype(np.int64)
+        self.text_size = meta["f4"]["size"].astype(np.int64)
+        self.token_bytes = captions_per_image * context_length * 4
+        self.token_shape = (captions_per_image, context_length)
+
+
+class BetonDataset:
+    """All shards of one converted dataset, indexed 0..len-1 in manifest order."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        k, ctx = self.manifest["captions_per_image"], self.manifest["context_length"]
+        self.shards = [_Shard(self.directory / s["file"], s["samples"], k, ctx) for s in self.manifest["shards"]]
+        counts = np.array([len(s.image_ptr) for s in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])  # shard i holds [offsets[i], offsets[i+1])
+        self.n_captions = np.concatenate([s.n_captions for s in self.shards])  # (n,)
+        if len(self) != self.manifest["samples"]:
+            raise DatasetError(f"{self.directory}: shards hold {len(self)} samples, manifest says {self.manifest['samples']}")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, index: int) -> tuple[_Shard, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.shards[shard], index - int(self.offsets[shard])
+
+    def jpeg(self, index: int) -> np.ndarray:
+        """uint8 [n_bytes]: a view into the memory map, not a copy."""
+        shard, i = self._locate(index)
+        start = shard.image_ptr[i]
+        return shard.data[start : start + shard.image_size[i]]
+
+    def tokens(self, index: int) -> np.ndarray:
+        """int32 [K, 77]; rows past n_captions are zeros."""
+        shard, i = self._locate(index)
+        start = shard.tokens_ptr[i]
+        return shard.data[start : start + shard.token_bytes].view(np.int32).reshape(shard.token_shape)
+
+    def captions(self, index: int) -> list[str]:
+        shard, i = self._locate(index)
+        start = shard.text_ptr[i]
+        return bytes(shard.data[start : start + shard.text_size[i]]).decode("utf-8").split("\n")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(os.path.getsize(s.path) for s in self.shards)

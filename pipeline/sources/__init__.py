@@ -1,0 +1,1 @@
+"""Dataset layouts, one small module each, all yielding (uid, image_bytes, captions)."""

@@ -1,0 +1,107 @@
+"""The `slip` command line: demo, train, convert."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _quiet_under_ci() -> None:
+    if os.environ.get("CI") == "true":
+        os.environ.setdefault("TQDM_DISABLE", "1")  # FFCV's and DeepSpeed's own bars too
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.demo import demo_config, format_table, run_demo
+
+    cfg = demo_config(Path(args.out), args.overrides)
+    results = run_demo(cfg)
+    print(format_table(results))
+    print(f"results: {cfg.run_dir / 'results.json'}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.train:
+        raise ValueError("config: data.train is empty; set it to a directory written by `slip convert`")
+    result = train(cfg)
+    print(f"trained {result.steps} steps; run directory: {result.run_dir}")
+    return 0
+
+
+def _convert_options(args: argparse.Namespace):
+    from pipeline.convert import ConvertOptions
+
+    return ConvertOptions(
+        max_side=args.max_side,
+        quality=args.quality,
+        captions_per_image=args.captions_per_image,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        limit=args.limit,
+    )
+
+
+def _cmd_convert_folder(args: argparse.Namespace) -> int:
+    from pipeline.convert import convert
+    from pipeline.sources import folder
+
+    manifest = convert(folder.iter_samples(args.images), args.out, source="folder", options=_convert_options(args))
+    skipped = sum(manifest["skipped"].values())
+    print(f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shard(s) to {args.out}; skipped {skipped}")
+    return 0
+
+
+def _add_convert_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory (must not hold a converted dataset)")
+    p.add_argument("--max-side", type=int, default=384, help="longest image side after resizing (default 384)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--captions-per-image", type=int, default=5, help="captions kept per image, K (default 5)")
+    p.add_argument("--shard-size", type=int, default=100_000, help="samples per .beton shard (default 100000)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: every core)")
+    p.add_argument("--limit", type=int, default=0, help="convert only the first N samples (default: all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slip", description="SLIP / CLIP / SimCLR pretraining")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="generate, convert, train and evaluate a tiny SLIP on the CPU")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    demo.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    demo.set_defaults(func=_cmd_demo)
+
+    tr = sub.add_parser("train", help="train from a recipe in one process (use `deepspeed -m trainer.train` for many)")
+    tr.add_argument("--config", required=True, help="recipe name in configs/ or a YAML path")
+    tr.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    tr.set_defaults(func=_cmd_train)
+
+    conv = sub.add_parser("convert", help="convert an image-caption dataset to .beton shards")
+    sources = conv.add_subparsers(dest="source", required=True)
+    fold = sources.add_parser("folder", help="images with a sidecar .txt of captions, one per line")
+    fold.add_argument("--images", required=True, help="directory of images (searched recursively)")
+    _add_convert_options(fold)
+    fold.set_defaults(func=_cmd_convert_folder)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_under_ci()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as err:
+        if os.environ.get("SLIP_DEBUG"):
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"slip: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

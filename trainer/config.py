@@ -1,0 +1,262 @@
+"""The typed config tree: one dataclass per component, merged defaults <- recipe <- overrides.
+
+A recipe is a YAML mapping of sections (`data:`, `model:` ...) to keys. Command-line
+overrides are `section.key=value`, the value parsed as a YAML scalar. Every key and type is
+checked against the dataclasses, so a typo is an error naming the key, never a silent default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.augment import AugmentConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad recipe or override; the message is one line naming the key or file."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _require(cond: bool, msg: str) -> None:
+    """A value check inside a section's __post_init__: same error, same prefix."""
+    _check(cond, f"config: {msg}")
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # directory written by `slip convert`; "" = the embedded shapes dataset
+    zeroshot: str = ""  # class-per-folder images for zero-shot eval; "" = the embedded split
+    root: str = "data"  # where the embedded dataset is generated and converted
+    batch_size: int = 4096  # global batch, over all ranks
+    threads: int = 2  # DALI CPU threads per rank
+    prefetch: int = 2  # batches DALI prepares ahead
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, "data.batch_size must be positive")
+        _require(self.threads > 0, "data.threads must be positive")
+        _require(self.prefetch > 0, "data.prefetch must be positive")
+
+
+@dataclass
+class ModelConfig:
+    size: str = "vitb16"  # a name in trainer.models.registry.SIZES
+    objective: str = "slip"  # a name in trainer.objectives.OBJECTIVES
+    embed_dim: int = 512  # joint image-text space
+    ssl_mlp_dim: int = 4096  # SimCLR head hidden width
+    ssl_emb_dim: int = 256  # SimCLR head output
+    context_length: int = 77
+    vocab_size: int = 49408
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "ssl_mlp_dim", "ssl_emb_dim", "context_length", "vocab_size"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive")
+
+
+@dataclass
+class LossConfig:
+    backend: str = "reference"  # a name in kernels.contrastive.BACKENDS
+    ssl_scale: float = 1.0
+    ssl_temp: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.ssl_temp > 0, "loss.ssl_temp must be positive")
+        _require(self.ssl_scale >= 0, "loss.ssl_scale must be non-negative")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3  # peak learning rate, reached after warm-up
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("adamw",), f"optim.name must be one of ['adamw'], got '{self.name}'")
+        _require(self.lr > 0, "optim.lr must be positive")
+        _require(self.weight_decay >= 0, "optim.weight_decay must be non-negative")
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas must lie in [0, 1)")
+        _require(self.eps > 0, "optim.eps must be positive")
+        _require(self.grad_clip >= 0, "optim.grad_clip must be non-negative")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float = 25.0
+    warmup_epochs: float = 1.0
+    steps: int = 0  # total optimizer steps; 0 = derive from epochs
+    start_lr: float = 1e-6  # learning rate at step 0 (SLIP's warm-up start)
+    end_lr: float = 1e-5  # learning rate at the last step (SLIP's cosine floor)
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "schedule.epochs must be positive")
+        _require(self.warmup_epochs >= 0, "schedule.warmup_epochs must be non-negative")
+        _require(self.steps >= 0, "schedule.steps must be non-negative")
+
+
+@dataclass
+class EngineConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16
+    zero_stage: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.device in ("auto", "cpu", "cuda"), f"engine.device must be auto, cpu or cuda, got '{self.device}'")
+        _require(self.precision in ("fp32", "bf16"), f"engine.precision must be fp32 or bf16, got '{self.precision}'")
+        _require(self.zero_stage in (0, 1, 2, 3), f"engine.zero_stage must be 0-3, got {self.zero_stage}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out: str = "runs"  # the run directory is out/name
+    seed: int = 0
+    log_every: int = 10  # steps between JSONL records
+    eval_at_end: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}
+
+    def dump(self, path: Path) -> None:
+        """Write the resolved config, atomically, so a run directory always says what made it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check one value against its annotation; ints widen to float, lists become tuples."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        _check(isinstance(value, (list, tuple)), f"config: {key} must be a list, got {value!r}")
+        item_types = args[:-1] * len(value) if args[-1:] == (Ellipsis,) else args
+        _check(len(value) == len(item_types), f"config: {key} must have {len(item_types)} items, got {len(value)}")
+        return tuple(_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types)))
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, f"config: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        _check(ok, f"config: {key} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        _check(isinstance(value, bool), f"config: {key} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        _check(isinstance(value, str), f"config: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config: no rule for the type of {key}: {hint}")
+
+
+def _section_types() -> dict[str, type]:
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def resolve_recipe(recipe: str) -> Path:
+    """A recipe is a YAML path, or the name of one in configs/ ('tiny_cpu')."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        _check(path.is_file(), f"config: {path}: no such file")
+        return path
+    named = CONFIG_DIR / f"{recipe}.yaml"
+    if not named.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"config: unknown recipe '{recipe}'; known: {', '.join(known)}")
+    return named
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config: {path}:{where} is not valid YAML") from None
+    raw = {} if raw is None else raw
+    _check(isinstance(raw, dict), f"config: {path} must be a mapping of sections")
+    return raw
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    _check("=" in text, f"config: override '{text}' must look like section.key=value")
+    dotted, value = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    _check(len(parts) == 2 and all(parts), f"config: override '{text}' must look like section.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"config: override {dotted}: cannot parse value {value!r}") from None
+    return parts[0], parts[1], parsed
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """defaults <- recipe file <- `section.key=value` overrides, every key and type checked."""
+    merged: dict[str, dict[str, Any]] = {}
+    source = "defaults"
+    if recipe is not None:
+        path = resolve_recipe(recipe)
+        source = str(path)
+        for section, values in _read_yaml(path).items():
+            _check(isinstance(values, dict) or values is None, f"config: {path}: section '{section}' must be a mapping")
+            merged[section] = dict(values or {})
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        merged.setdefault(section, {})[key] = value
+
+    sections = _section_types()
+    built: dict[str, Any] = {}
+    for section, values in merged.items():
+        _check(section in sections, f"config: unknown section '{section}' (in {source}); known: {', '.join(sections)}")
+        cls = sections[section]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            full = f"{section}.{key}"
+            _check(key in hints, f"config: unknown key '{full}' (in {source})")
+            kwargs[key] = _coerce(full, value, hints[key])
+        try:
+            built[section] = cls(**kwargs)
+        except ConfigError:
+            raise
+        except ValueError as err:  # sections defined in pipeline/ raise plain ValueError
+            raise ConfigError(f"config: {err}") from None
+    return Config(**built)

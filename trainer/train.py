@@ -1,0 +1,11 @@
+"""Entry point for the DeepSpeed launcher: `deepspeed --num_gpus N -m trainer.train --config RECIPE [k=v ...]`."""
+from __future__ import annotations
+
+import sys
+
+from trainer.cli import main
+
+if __name__ == "__main__":
+    # The launcher appends --local_rank=N; the rank is read from the environment instead.
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    sys.exit(main(["train", *argv]))

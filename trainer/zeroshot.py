@@ -1,0 +1,62 @@
+"""Zero-shot classification: class prompts through the text tower, images through the image tower."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.augment import AugmentConfig
+from pipeline.evaluation import class_folders, iter_folder
+from pipeline.text import tokenize
+from trainer.models.contrastive import ContrastiveModel
+
+
+def read_lines(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def class_embeddings(model: ContrastiveModel, classnames: list[str], templates: list[str], device: torch.device) -> torch.Tensor:
+    """[C, d]: per class, the mean of its L2-normalised prompt embeddings, renormalised (CLIP's ensemble)."""
+    rows = []
+    for name in classnames:
+        tokens = torch.from_numpy(tokenize([t.format(name) for t in templates]).astype("int64")).to(device)  # (T, 77)
+        emb = F.normalize(model.encode_text(tokens).float(), dim=-1).mean(dim=0)  # (d,)
+        rows.append(F.normalize(emb, dim=0))
+    return torch.stack(rows)  # (C, d)
+
+
+@torch.no_grad()
+def zeroshot_accuracy(
+    model: ContrastiveModel,
+    folder: str | Path,
+    classnames: list[str],
+    templates: list[str],
+    augment: AugmentConfig,
+    *,
+    batch_size: int = 256,
+    threads: int = 2,
+) -> dict[str, float]:
+    """Top-1 and top-5 (fractions in 0..1) over every image of a class-per-folder tree."""
+    folders = class_folders(folder)
+    if len(folders) != len(classnames):
+        raise ValueError(f"{folder}: {len(folders)} class folders but {len(classnames)} class names")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    classes = class_embeddings(model, classnames, templates, device)
+    k = min(5, len(classnames))
+    top1 = top5 = total = 0
+    for images, labels in iter_folder(folder, augment, batch_size=batch_size, threads=threads):
+        feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)  # (b, d)
+        ranked = (feats @ classes.T).topk(k, dim=-1).indices.cpu()  # (b, k)
+        hits = ranked == labels[:, None]
+        top1 += int(hits[:, 0].sum())
+        top5 += int(hits.any(dim=-1).sum())
+        total += len(labels)
+    model.train(was_training)
+    return {"top1": top1 / total, "top5": top5 / total, "images": total, "classes": len(classnames)}
