@@ -5,6 +5,10 @@ Parameters follow SLIP's reference transforms (torchvision): CLIP crop = RandomR
 p=0.8, grayscale p=0.2, Gaussian blur sigma 0.1-2 with p=0.5, horizontal flip; all normalised
 with the ImageNet mean and std. Random choices are DALI conditionals, so an augmentation that
 is not drawn for a sample is not computed for it.
+
+Known difference from torchvision's ColorJitter: DALI's color_twist applies brightness,
+contrast, saturation and hue in one fixed order (torchvision shuffles the order per sample)
+and rotates hue in YIQ rather than HSV. The ranges are the same.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import Pipeline
 
 VIEWS = ("image", "aug1", "aug2")  # the batch contract's image outputs, in pipeline order
@@ -48,10 +53,12 @@ class AugmentConfig:
             raise ValueError("augment.std must be positive")
 
 
-def _normalize(view, cfg: AugmentConfig, mirror):
+def normalize(view: DataNode, cfg: AugmentConfig, mirror: DataNode | int = 0, crop: tuple[int, int] | None = None) -> DataNode:
+    """uint8 HWC -> float32 CHW with the mean/std of `cfg`, optionally flipped and center-cropped."""
     return fn.crop_mirror_normalize(
         view,
         mirror=mirror,
+        crop=crop,
         mean=[255 * m for m in cfg.mean],
         std=[255 * s for s in cfg.std],
         dtype=types.FLOAT,
@@ -59,14 +66,14 @@ def _normalize(view, cfg: AugmentConfig, mirror):
     )
 
 
-def _clip_view(decoded, cfg: AugmentConfig):
+def _clip_view(decoded: DataNode, cfg: AugmentConfig) -> DataNode:
     view = fn.random_resized_crop(
         decoded, size=[cfg.image_size] * 2, random_area=list(cfg.clip_scale), random_aspect_ratio=list(cfg.ratio)
     )
-    return _normalize(view, cfg, mirror=0)
+    return normalize(view, cfg)
 
 
-def _ssl_view(decoded, cfg: AugmentConfig):
+def _ssl_view(decoded: DataNode, cfg: AugmentConfig) -> DataNode:
     view = fn.random_resized_crop(
         decoded, size=[cfg.image_size] * 2, random_area=list(cfg.ssl_scale), random_aspect_ratio=list(cfg.ratio)
     )
@@ -85,7 +92,7 @@ def _ssl_view(decoded, cfg: AugmentConfig):
         view = fn.color_twist(view, saturation=0.0)
     if fn.random.coin_flip(probability=cfg.blur_p):
         view = fn.gaussian_blur(view, sigma=fn.random.uniform(range=list(cfg.blur_sigma)))
-    return _normalize(view, cfg, mirror=fn.random.coin_flip(probability=cfg.flip_p))
+    return normalize(view, cfg, mirror=fn.random.coin_flip(probability=cfg.flip_p))
 
 
 def three_view_pipeline(
@@ -96,6 +103,7 @@ def three_view_pipeline(
     batch_size: int,
     num_threads: int,
     device: str = "cpu",
+    device_id: int = 0,
     seed: int = 0,
     prefetch: int = 2,
 ) -> Pipeline:
@@ -124,7 +132,7 @@ def three_view_pipeline(
     pipe = graph(
         batch_size=batch_size,
         num_threads=num_threads,
-        device_id=0 if device == "gpu" else None,
+        device_id=device_id if device == "gpu" else None,  # each rank decodes on its own GPU
         seed=seed,
         prefetch_queue_depth=prefetch,
     )

@@ -6,7 +6,9 @@ temporary directory that is renamed into place only when everything is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import multiprocessing
 import os
 import shutil
@@ -19,6 +21,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.atomic import write_json_atomic
 from pipeline.images import BadSample, EncodedImage, normalize_image
 from pipeline.schema import (
     MANIFEST,
@@ -27,7 +30,6 @@ from pipeline.schema import (
     ffcv_fields,
     sha256_file,
     shard_name,
-    write_json_atomic,
 )
 from pipeline.text import CONTEXT_LENGTH, TOKENIZER_NAME, clean_caption, tokenize
 
@@ -97,13 +99,29 @@ class _ShardRows:
         return (row.image, row.tokens, row.n_captions, self.first_index + i, row.text)
 
 
+@contextlib.contextmanager
+def _fork_safe() -> Iterator[None]:
+    """Fork children that never garbage-collect what they inherit.
+
+    A forked child that collects an inherited object whose finaliser touches the parent's
+    threads (a DALI pipeline's does) segfaults, and FFCV's writer then waits for it forever.
+    Collect in the parent first, then freeze the survivors out of the children's collector.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _prepared_stream(samples: Iterable[RawSample], options: ConvertOptions) -> Iterator[Prepared | BadSample]:
     work = functools.partial(prepare, options=options)
     if options.n_workers <= 1:
         yield from map(work, samples)
         return
     tokenize(["load the vocabulary once, before the workers fork"])
-    with multiprocessing.get_context("fork").Pool(options.n_workers) as pool:
+    with _fork_safe(), multiprocessing.get_context("fork").Pool(options.n_workers) as pool:
         yield from pool.imap(work, samples, chunksize=16)
 
 
@@ -113,7 +131,8 @@ def _write_shard(path: Path, rows: list[Prepared], first_index: int, options: Co
     tmp = path.with_name(path.name + ".partial")
     fields = ffcv_fields(options.captions_per_image, CONTEXT_LENGTH, options.max_side)
     writer = DatasetWriter(str(tmp), fields, num_workers=min(options.n_workers, max(1, len(rows) // 64)))
-    writer.from_indexed_dataset(_ShardRows(rows, first_index), chunksize=64)
+    with _fork_safe():
+        writer.from_indexed_dataset(_ShardRows(rows, first_index), chunksize=64)
     tmp.replace(path)
     return {"file": path.name, "samples": len(rows), "sha256": sha256_file(path)}
 
@@ -130,13 +149,15 @@ def convert(
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists():
         raise DatasetError(f"{out_dir}: already holds a converted dataset; remove it or choose another --out")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DatasetError(f"{out_dir}: exists and is not an empty directory; choose another --out")
     work_dir = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     try:
         manifest = _convert_into(samples, work_dir, source, options, progress)
         if out_dir.exists():
-            out_dir.rmdir()  # only an empty leftover; anything else is the user's and makes this fail
+            out_dir.rmdir()  # checked empty above
         work_dir.replace(out_dir)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)

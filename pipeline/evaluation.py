@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.augment import AugmentConfig
+from pipeline.augment import AugmentConfig, normalize
 
 
 def class_folders(root: str | Path) -> list[str]:
@@ -25,7 +25,13 @@ def class_folders(root: str | Path) -> list[str]:
 
 
 def iter_folder(
-    root: str | Path, augment: AugmentConfig, *, batch_size: int, threads: int = 2, device: str = "cpu"
+    root: str | Path,
+    augment: AugmentConfig,
+    *,
+    batch_size: int,
+    threads: int = 2,
+    device: str = "cpu",
+    device_id: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images float32 [b, 3, S, S], labels int64 [b]) over the whole folder, the last batch short."""
     class_folders(root)
@@ -37,17 +43,9 @@ def iter_folder(
         images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
         # As SLIP's evaluation: resize the shorter side, then a center crop of the training size.
         images = fn.resize(images, resize_shorter=size, antialias=True)
-        images = fn.crop_mirror_normalize(
-            images,
-            crop=(size, size),
-            mean=[255 * m for m in augment.mean],
-            std=[255 * s for s in augment.std],
-            dtype=types.FLOAT,
-            output_layout="CHW",
-        )
-        return images, labels
+        return normalize(images, augment, crop=(size, size)), labels
 
-    pipe = graph(batch_size=batch_size, num_threads=threads, device_id=0 if device == "gpu" else None, seed=0)
+    pipe = graph(batch_size=batch_size, num_threads=threads, device_id=device_id if device == "gpu" else None, seed=0)
     pipe.build()
     remaining = pipe.epoch_size("reader")
     while remaining > 0:

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from nvidia.dali.types import BatchInfo
 
 from pipeline.augment import VIEWS, AugmentConfig, three_view_pipeline
 from pipeline.reader import BetonDataset
@@ -26,6 +27,7 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         *,
         text: bool = True,
         device: str = "cpu",
+        device_id: int = 0,
         threads: int = 2,
         prefetch: int = 2,
         seed: int = 0,
@@ -35,7 +37,7 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         self.views = tuple(v for v in VIEWS if v in views)  # the graph emits them in VIEWS order
         self.start_step = start_step
         self.step = start_step  # the global step of the next batch handed out
-        self.device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
+        self.device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
         self.pipe = three_view_pipeline(
             self._source,
             self.views,
@@ -43,11 +45,12 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
             batch_size=sampler.local_batch,
             num_threads=threads,
             device=device,
+            device_id=device_id,
             seed=seed,
             prefetch=prefetch,
         )
 
-    def _source(self, info) -> tuple[list[np.ndarray], np.ndarray]:
+    def _source(self, info: BatchInfo) -> tuple[list[np.ndarray], np.ndarray]:
         # DALI calls this ahead of time (prefetch); the step comes from its iteration count.
         indices = self.sampler.indices(self.start_step + info.iteration)
         return [self.dataset.jpeg(int(i)) for i in indices], indices.reshape(-1, 1)

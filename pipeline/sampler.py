@@ -8,8 +8,6 @@ exactly the sequence an uninterrupted run would have read.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 
@@ -23,15 +21,25 @@ class EpochSampler:
         self.rank, self.world = rank, world
         self.local_batch = global_batch // world
         self.steps_per_epoch = n_samples // global_batch
+        # Per-epoch arrays, kept for the current and the previous epoch: DALI prefetches
+        # across an epoch boundary while the loop still reads the old epoch's last steps.
+        self._cache: dict[tuple[str, int], np.ndarray] = {}
 
-    @functools.lru_cache(maxsize=2)
+    def _cached(self, kind: str, epoch: int) -> np.ndarray:
+        key = (kind, epoch)
+        if key not in self._cache:
+            rng = np.random.default_rng([self.seed, epoch, int(kind == "captions")])
+            self._cache[key] = rng.random(self.n_samples) if kind == "captions" else rng.permutation(self.n_samples)
+            if len(self._cache) > 4:  # the epochs either side of a boundary, for both kinds
+                del self._cache[next(iter(self._cache))]
+        return self._cache[key]
+
     def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_samples)  # (n,)
+        return self._cached("order", epoch)  # (n,)
 
-    @functools.lru_cache(maxsize=2)
     def caption_draws(self, epoch: int) -> np.ndarray:
         """Uniform [0, 1) per sample: sample i reads caption floor(u_i * n_captions_i) this epoch."""
-        return np.random.default_rng([self.seed, epoch, 1]).random(self.n_samples)  # (n,)
+        return self._cached("captions", epoch)  # (n,)
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch

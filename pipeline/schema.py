@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+from pipeline.images import EncodedImage
 from pipeline.ffcv_compat import IMAGE_MODES, BytesField, IntField, NDArrayField, RGBImageField
 
 SCHEMA_VERSION = 1
@@ -23,9 +24,14 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.beton"
 
 
-def _passthrough_encode(destination, image, malloc) -> None:
+# Read once here: IMAGE_MODES is a numba typed dict whose first lookup compiles, and a
+# compile inside a forked writer worker is one more thing that can go wrong there.
+JPG_MODE = int(IMAGE_MODES["jpg"])
+
+
+def _passthrough_encode(destination: np.ndarray, image: EncodedImage, malloc: Callable) -> None:
     """Store an already-normalised JPEG as FFCV's jpg mode stores its own encodings."""
-    destination["mode"] = IMAGE_MODES["jpg"]
+    destination["mode"] = JPG_MODE
     destination["height"], destination["width"] = image.height, image.width
     destination["data_ptr"], storage = malloc(image.jpeg.nbytes)
     storage[:] = image.jpeg
@@ -51,12 +57,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
 
 
 class DatasetError(ValueError):

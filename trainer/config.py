@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.atomic import write_text_atomic
 from pipeline.augment import AugmentConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -35,8 +36,8 @@ def _require(cond: bool, msg: str) -> None:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # directory written by `slip convert`; "" = the embedded shapes dataset
-    zeroshot: str = ""  # class-per-folder images for zero-shot eval; "" = the embedded split
+    train: str = ""  # directory written by `slip convert` (`slip demo` sets it)
+    zeroshot: str = ""  # class-per-folder images for zero-shot eval (`slip demo` sets it)
     root: str = "data"  # where the embedded dataset is generated and converted
     batch_size: int = 4096  # global batch, over all ranks
     threads: int = 2  # DALI CPU threads per rank
@@ -104,6 +105,7 @@ class ScheduleConfig:
         _require(self.epochs > 0, "schedule.epochs must be positive")
         _require(self.warmup_epochs >= 0, "schedule.warmup_epochs must be non-negative")
         _require(self.steps >= 0, "schedule.steps must be non-negative")
+        _require(self.start_lr >= 0 and self.end_lr >= 0, "schedule.start_lr and schedule.end_lr must be non-negative")
 
 
 @dataclass
@@ -124,7 +126,11 @@ class RunConfig:
     out: str = "runs"  # the run directory is out/name
     seed: int = 0
     log_every: int = 10  # steps between JSONL records
-    eval_at_end: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.log_every > 0, "run.log_every must be positive")
+        _require(bool(self.name) and "/" not in self.name, f"run.name must be a non-empty name without '/', got '{self.name}'")
+        _require(self.seed >= 0, "run.seed must be non-negative")
 
 
 @dataclass
@@ -147,10 +153,7 @@ class Config:
 
     def dump(self, path: Path) -> None:
         """Write the resolved config, atomically, so a run directory always says what made it."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _plain(value: Any) -> Any:
@@ -259,4 +262,20 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
             raise
         except ValueError as err:  # sections defined in pipeline/ raise plain ValueError
             raise ConfigError(f"config: {err}") from None
-    return Config(**built)
+    cfg = Config(**built)
+    _check_registered_names(cfg)
+    return cfg
+
+
+def _check_registered_names(cfg: Config) -> None:
+    """Names that select code are checked before anything is built or written."""
+    from kernels.contrastive import BACKENDS
+    from trainer.models import SIZES
+    from trainer.objectives import OBJECTIVES
+
+    for key, value, known in (
+        ("model.size", cfg.model.size, SIZES),
+        ("model.objective", cfg.model.objective, OBJECTIVES),
+        ("loss.backend", cfg.loss.backend, BACKENDS),
+    ):
+        _check(value in known, f"config: {key} '{value}' is not one of: {', '.join(known)}")

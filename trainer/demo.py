@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline import shapes
+from pipeline.atomic import write_json_atomic
 from pipeline.convert import ConvertOptions, convert
 from pipeline.schema import MANIFEST
 from pipeline.sources import folder
 from trainer.config import Config, load_config
 from trainer.loop import init_model, train
+from trainer.objectives import get_objective
 from trainer.zeroshot import read_lines, zeroshot_accuracy
 
 
@@ -29,6 +30,8 @@ def prepare_shapes(root: Path, spec: shapes.ShapesSpec, progress: bool = True) -
 
 
 def run_demo(cfg: Config, spec: shapes.ShapesSpec = shapes.ShapesSpec(), *, progress: bool = True) -> dict[str, Any]:
+    if not get_objective(cfg.model.objective).text:
+        raise ValueError(f"config: the demo measures zero-shot accuracy, which model.objective={cfg.model.objective} cannot give")
     train_dir, raw = prepare_shapes(Path(cfg.data.root), spec, progress)
     cfg = replace(cfg, data=replace(cfg.data, train=str(train_dir), zeroshot=str(raw / "zeroshot")))
     classnames = read_lines(raw / "classnames.txt")
@@ -50,10 +53,7 @@ def run_demo(cfg: Config, spec: shapes.ShapesSpec = shapes.ShapesSpec(), *, prog
         "dataset": asdict(spec),
         "final_loss": result.last.get("loss"),
     }
-    out = result.run_dir / "results.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out)
+    write_json_atomic(result.run_dir / "results.json", results)
     return results
 
 

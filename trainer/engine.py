@@ -71,6 +71,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def parallelize(model: nn.Module, dist: DistInfo) -> nn.Module:
+    """Make a built model's batch statistics span all ranks, as SLIP's SimCLR head needs."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if dist.world == 1 or not has_bn:
+        return model
+    if dist.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # torch's SyncBatchNorm refuses CPU tensors; per-rank statistics would silently change the loss.
+    raise ValueError("cross-rank BatchNorm on the CPU is not available yet: train the SimCLR head in one process or on CUDA")
+
+
+def reduce_mean(values: dict[str, torch.Tensor], dist: DistInfo) -> dict[str, float]:
+    """Scalar metrics averaged over ranks (each rank's loss covers its own rows)."""
+    stacked = torch.stack([v.reshape(()) for v in values.values()])  # (n_metrics,)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(stacked)
+        stacked /= dist.world
+    return dict(zip(values, stacked.tolist()))
+
+
 def deepspeed_config(global_batch: int, world: int, *, zero_stage: int, precision: str, grad_clip: float) -> dict[str, Any]:
     if global_batch % world:
         raise ValueError(f"config: data.batch_size {global_batch} is not divisible by {world} ranks")
@@ -80,7 +102,9 @@ def deepspeed_config(global_batch: int, world: int, *, zero_stage: int, precisio
         "gradient_accumulation_steps": 1,
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
+        # bf16 as SLIP ran fp16: autocast over fp32 weights, so BatchNorm statistics, the
+        # logit scale and the optimizer's update stay fp32 while the matmuls run in bf16.
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
         "steps_per_print": sys.maxsize,  # slipstream logs its own metrics
         "wall_clock_breakdown": False,
     }

@@ -12,7 +12,7 @@ class JsonlLogger:
         self._file = None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", buffering=1)  # line-buffered: a crash loses at most one record
+            self._file = open(path, "w", buffering=1)  # line-buffered: a crash loses at most one record
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:

@@ -10,7 +10,6 @@ from kernels import contrastive
 from trainer.models.contrastive import ModelParts
 
 Outputs = dict[str, torch.Tensor]
-LossFn = Callable[..., dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)

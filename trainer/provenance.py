@@ -1,12 +1,13 @@
 """What produced a run: code revision, package versions, the exact data files."""
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from pipeline.atomic import write_json_atomic
 
 PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda120", "ffcv", "deepspeed", "timm", "open_clip_torch", "numpy")
 
@@ -34,7 +35,4 @@ def write_provenance(path: Path, manifest: dict[str, Any]) -> None:
         "packages": {p: _version(p) for p in PACKAGES},
         "data": {"source": manifest.get("source"), "samples": manifest.get("samples"), "shards": manifest.get("shards")},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, record)

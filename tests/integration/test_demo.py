@@ -89,3 +89,19 @@ def test_console_script_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("slip:")]
     assert lines == ["slip: error: config: unknown recipe 'no_such_recipe'; known: " + lines[0].split("known: ")[1]]
+
+
+@pytest.mark.slow
+def test_train_bf16_records_the_config_in_its_checkpoint(small_beton: Path, tmp_path: Path) -> None:
+    import torch
+
+    args = ["train", "--config", "tiny_cpu", f"data.train={small_beton}", "data.batch_size=8", "schedule.steps=2",
+            "engine.precision=bf16", f"run.out={tmp_path}", "run.name=bf16", "run.log_every=1"]  # fmt: skip
+    proc = _run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    state = torch.load(tmp_path / "bf16" / "checkpoints" / "step-00000002" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert state["step"] == 2
+    assert state["config"]["engine"]["precision"] == "bf16" and state["config"]["data"]["train"] == str(small_beton)

@@ -45,11 +45,11 @@ def test_every_recipe_in_configs_loads() -> None:
 def test_recipe_by_path_and_overrides_win(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"optim": {"lr": 0.5}, "data": {"batch_size": 64}}))
-    cfg = load_config(str(recipe), ["optim.lr=0.25", "optim.betas=[0.8, 0.9]", "run.eval_at_end=false"])
+    cfg = load_config(str(recipe), ["optim.lr=0.25", "optim.betas=[0.8, 0.9]", "run.seed=3"])
     assert cfg.optim.lr == 0.25  # override beats recipe
     assert cfg.data.batch_size == 64  # recipe beats default
     assert cfg.optim.weight_decay == 0.1  # default kept
-    assert cfg.optim.betas == (0.8, 0.9) and cfg.run.eval_at_end is False
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.run.seed == 3
 
 
 def test_int_widens_to_float_but_not_the_reverse() -> None:
@@ -72,7 +72,7 @@ BAD = [
     (["optim.lr=fast"], "optim.lr must be a number"),
     (["optim.lr=true"], "optim.lr must be a number"),
     (["run.name=[1]"], "run.name must be a string"),
-    (["run.eval_at_end=1"], "run.eval_at_end must be true or false"),
+    (["run.seed=yes"], "run.seed must be an integer"),
     (["optim.betas=[0.9]"], "optim.betas must have 2 items"),
     (["optim.betas=0.9"], "optim.betas must be a list"),
     (["optim.lr=-1"], "optim.lr must be positive"),
@@ -120,3 +120,19 @@ def test_yaml_is_parsed_safely(tmp_path: Path) -> None:
     evil.write_text("run:\n  name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(evil))
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("model.size=vitz16", "model.size 'vitz16' is not one of: "),
+        ("model.objective=byol", "model.objective 'byol' is not one of: "),
+        ("loss.backend=cuda_magic", "loss.backend 'cuda_magic' is not one of: reference"),
+        ("run.log_every=0", "run.log_every must be positive"),
+        ("run.name=a/b", "run.name must be a non-empty name"),
+        ("schedule.end_lr=-1", "schedule.start_lr and schedule.end_lr must be non-negative"),
+    ],
+)
+def test_names_and_values_checked_before_anything_runs(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        load_config("tiny_cpu", [override])

@@ -122,6 +122,11 @@ def test_refuses_to_overwrite_and_to_write_nothing(tmp_path: Path) -> None:
     convert(_samples(2), tmp_path / "out", source="test", options=OPTS, progress=False)
     with pytest.raises(DatasetError, match="already holds a converted dataset"):
         convert(_samples(2), tmp_path / "out", source="test", options=OPTS, progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="not an empty directory"):
+        convert(_samples(2), tmp_path / "busy", source="test", options=OPTS, progress=False)
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     with pytest.raises(DatasetError, match=r"no usable samples \(undecodable=1\)"):
         convert([("x", b"junk", ["c"])], tmp_path / "none", source="test", options=OPTS, progress=False)
     assert not (tmp_path / "none").exists()
@@ -154,3 +159,33 @@ def test_damaged_datasets_are_one_line_errors(tmp_path: Path, damage: str) -> No
     message = str(err.value)
     assert "\n" not in message
     assert str(tmp_path / "out") in message
+
+
+
+def test_forked_workers_never_finalise_what_they_inherit(tmp_path: Path) -> None:
+    # A converter worker that collected an inherited DALI pipeline segfaulted, and FFCV's
+    # writer then waited for it forever; inherited objects must die in the parent only.
+    import gc
+    import os
+
+    from pipeline.convert import _fork_safe
+
+    class Cyclic:
+        def __init__(self) -> None:
+            self.me = self  # only the collector can free it
+
+        def __del__(self) -> None:
+            (tmp_path / f"finalised-in-{os.getpid()}").touch()
+
+    parent = os.getpid()
+    Cyclic()  # already garbage at fork time
+    alive = Cyclic()
+    with _fork_safe():
+        child = os.fork()
+        if child == 0:
+            del alive  # garbage in the child only
+            gc.collect()
+            os._exit(0)
+        os.waitpid(child, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"finalised-in-{parent}"]
+    del alive

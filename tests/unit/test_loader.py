@@ -75,10 +75,13 @@ def test_views_differ_from_each_other(dataset: BetonDataset) -> None:
 
 def test_loader_resumes_at_a_step(dataset: BetonDataset) -> None:
     straight = _loader(dataset)
-    indices = [next(straight)["index"] for _ in range(8)]  # crosses the 6-step epoch boundary
+    batches = [next(straight) for _ in range(8)]  # crosses the 6-step epoch boundary
+    indices = [b["index"] for b in batches]
     resumed = _loader(dataset, start_step=5)
     for step in range(5, 8):
-        assert torch.equal(next(resumed)["index"], indices[step])
+        batch = next(resumed)
+        assert torch.equal(batch["index"], indices[step])
+        assert torch.equal(batch["text"], batches[step]["text"])  # the same caption drawn per epoch
 
 
 def test_sampler_ranks_are_disjoint_and_cover_the_epoch() -> None:

@@ -92,3 +92,14 @@ def test_unknown_size_and_bad_image_size() -> None:
     with pytest.raises(ValueError, match="not a multiple"):
         build_model("vitb16", OBJECTIVES["slip"].parts, image_size=100)
     assert math.isclose(build_model("tiny", OBJECTIVES["clip"].parts, image_size=16).logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
+
+
+def test_logit_scale_is_clamped_at_100() -> None:
+    model = build_model("tiny", OBJECTIVES["clip"].parts, image_size=16)
+    inputs = _inputs("clip", 2, 16)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # exp(10) ~ 22026
+    out = model(**inputs)
+    assert out["logit_scale"].item() == pytest.approx(100.0, rel=1e-5)
+    out["logit_scale"].sum().backward()
+    assert model.logit_scale.grad.abs().item() == 0.0  # pinned at the clamp, as CLIP's in-place clamp pins it

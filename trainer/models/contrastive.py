@@ -11,6 +11,7 @@ from torch import nn
 from trainer.models.text import TextTransformer
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
+MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: the temperature never drops below 0.01
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,9 @@ class ContrastiveModel(nn.Module):
         if text is not None:
             out["text_embed"] = self.encode_text(text)  # (b, embed_dim)
         if self.parts.clip:
-            out["logit_scale"] = self.logit_scale.exp()  # (1,)
+            # Clamped here rather than in place after the step: under bf16 or ZeRO the module's
+            # parameter is a copy (or a shard) that the optimizer's fp32 master overwrites.
+            out["logit_scale"] = self.logit_scale.clamp(0, MAX_LOGIT_SCALE).exp()  # (1,)
         for view in ("aug1", "aug2"):
             if view in feats:
                 out[f"{view}_embed"] = self.image_mlp(feats[view])  # (b, ssl_emb_dim)
