@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -31,9 +31,10 @@ from pipeline.schema import (
     sha256_file,
     shard_name,
 )
+from pipeline.sources import Sample, Skip, read_image
 from pipeline.text import CONTEXT_LENGTH, TOKENIZER_NAME, clean_caption, tokenize
 
-RawSample = tuple[str, bytes, list[str]]  # (uid, encoded image bytes, captions) from a source
+RawSample = Union[Sample, Skip, tuple[str, bytes, list[str]]]  # a source's records
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,16 @@ class Prepared(NamedTuple):
 
 def prepare(sample: RawSample, options: ConvertOptions) -> Prepared | BadSample:
     """Normalise one sample, or say why it is skipped (returned, so pool workers never raise)."""
-    uid, data, captions = sample
+    if isinstance(sample, Skip):
+        return BadSample(sample.reason, sample.uid)
+    uid, ref, captions = sample
     try:
+        try:
+            data = read_image(ref)
+        except FileNotFoundError:
+            raise BadSample("missing_file", uid) from None
+        except OSError as err:
+            raise BadSample("unreadable_file", f"{uid}: {type(err).__name__}") from None
         image = normalize_image(data, max_side=options.max_side, quality=options.quality)
         cleaned = [c for c in (clean_caption(c) for c in captions) if c]
         if not cleaned:

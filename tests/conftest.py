@@ -6,6 +6,7 @@ import pytest
 # Tests never reach a GPU by accident, and never wait on a progress bar.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("CI", "true")
+os.environ.setdefault("TQDM_DISABLE", "1")  # FFCV's writer and DeepSpeed draw bars of their own
 
 
 def pytest_configure(config: pytest.Config) -> None:

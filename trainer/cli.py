@@ -5,6 +5,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.convert import ConvertOptions
 
 
 def _quiet_under_ci() -> None:
@@ -34,7 +38,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_options(args: argparse.Namespace):
+def _convert_options(args: argparse.Namespace) -> ConvertOptions:
     from pipeline.convert import ConvertOptions
 
     return ConvertOptions(

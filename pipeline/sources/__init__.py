@@ -1,1 +1,45 @@
-"""Dataset layouts, one small module each, all yielding (uid, image_bytes, captions)."""
+"""Dataset layouts, one small module each, all yielding `Sample`s (or `Skip`s) in a stable order.
+
+A source only parses annotations and says where each image is; reading the bytes is left to
+the converter's workers (`read_image`), so that many files are read in parallel.
+"""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import NamedTuple, Union
+
+# Where an image's encoded bytes are: the bytes themselves (e.g. from a tar stream), a file
+# path, or (zip archive path, member name).
+ImageRef = Union[bytes, str, tuple[str, str]]
+
+
+class Sample(NamedTuple):
+    uid: str  # unique within the dataset; recorded in the manifest's `ids`
+    image: ImageRef
+    captions: list[str]  # raw; the converter cleans, de-duplicates nothing, keeps up to K
+
+
+class Skip(NamedTuple):
+    """A record the source could not turn into a sample; counted by `reason` in the manifest."""
+
+    uid: str
+    reason: str  # e.g. "malformed_annotation"
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all; the message is one line naming the file."""
+
+
+def read_image(ref: ImageRef) -> bytes:
+    """The encoded bytes behind a reference; FileNotFoundError when the file or member is absent."""
+    if isinstance(ref, bytes):
+        return ref
+    if isinstance(ref, str):
+        return Path(ref).read_bytes()
+    archive, member = ref
+    with zipfile.ZipFile(archive) as z:
+        try:
+            return z.read(member)
+        except KeyError:
+            raise FileNotFoundError(f"{archive}: no member {member}") from None

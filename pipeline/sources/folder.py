@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.sources import Sample, SourceError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -14,10 +16,10 @@ def read_captions(path: Path) -> list[str]:
     return path.read_bytes().decode("utf-8", errors="replace").splitlines()
 
 
-def iter_samples(images: str | Path) -> Iterator[tuple[str, bytes, list[str]]]:
+def iter_samples(images: str | Path) -> Iterator[Sample]:
     root = Path(images)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such image directory")
+        raise SourceError(f"{root}: no such image directory")
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         uid = path.relative_to(root).with_suffix("").as_posix()
-        yield uid, path.read_bytes(), read_captions(path.with_suffix(".txt"))
+        yield Sample(uid, str(path), read_captions(path.with_suffix(".txt")))
