@@ -1,27 +1,35 @@
-"""Conversion: any source's (uid, image_bytes, captions) stream -> sharded schema-v1 .beton files.
+"""Conversion: a source's records -> sharded schema-v1 .beton files, restartable at any moment.
 
-Each sample is normalised and tokenised before it reaches FFCV's writer; a sample that
-cannot be is skipped and counted by reason. Shards and the manifest are written under a
-temporary directory that is renamed into place only when everything is complete.
+Each sample is normalised and tokenised (in worker processes) before it reaches FFCV's
+writer; one that cannot be is skipped and counted by reason, and the conversion goes on.
+
+On disk, a shard appears only when complete: its ids file and its .beton are written under
+temporary names and renamed, then the manifest is rewritten atomically to list it, with the
+number of source records consumed so far. So a converter killed at any moment leaves
+complete shards and a manifest marked incomplete; `resume=True` checks the listed shards
+against their checksums, drops anything else, skips the records already consumed and goes
+on, producing the same shards, byte for byte, as an uninterrupted run.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import gc
+import itertools
+import json
 import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Union
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.atomic import write_json_atomic
+from pipeline.atomic import write_json_atomic, write_text_atomic
 from pipeline.images import BadSample, EncodedImage, normalize_image
 from pipeline.schema import (
     MANIFEST,
@@ -34,6 +42,7 @@ from pipeline.schema import (
 from pipeline.sources import Sample, Skip, read_image
 from pipeline.text import CONTEXT_LENGTH, TOKENIZER_NAME, clean_caption, tokenize
 
+PARTIAL = ".partial"  # suffix of a shard being written
 RawSample = Union[Sample, Skip, tuple[str, bytes, list[str]]]  # a source's records
 
 
@@ -134,16 +143,102 @@ def _prepared_stream(samples: Iterable[RawSample], options: ConvertOptions) -> I
         yield from pool.imap(work, samples, chunksize=16)
 
 
-def _write_shard(path: Path, rows: list[Prepared], first_index: int, options: ConvertOptions) -> dict[str, Any]:
+def _write_shard(out_dir: Path, index: int, rows: list[Prepared], first_index: int, options: ConvertOptions) -> dict[str, Any]:
     from pipeline.ffcv_compat import DatasetWriter
 
-    tmp = path.with_name(path.name + ".partial")
+    path = out_dir / shard_name(index)
+    ids_path = path.with_suffix(".ids")
+    write_text_atomic(ids_path, "".join(json.dumps(row.uid) + "\n" for row in rows))
+    partial = path.with_name(path.name + PARTIAL)
     fields = ffcv_fields(options.captions_per_image, CONTEXT_LENGTH, options.max_side)
-    writer = DatasetWriter(str(tmp), fields, num_workers=min(options.n_workers, max(1, len(rows) // 64)))
+    # One writer worker: the rows are already encoded, so the writer only copies bytes, and a
+    # single worker lays them out in order, which makes shards reproducible for --resume.
+    writer = DatasetWriter(str(partial), fields, num_workers=1)
     with _fork_safe():
-        writer.from_indexed_dataset(_ShardRows(rows, first_index), chunksize=64)
-    tmp.replace(path)
-    return {"file": path.name, "samples": len(rows), "sha256": sha256_file(path)}
+        writer.from_indexed_dataset(_ShardRows(rows, first_index), chunksize=256)
+    partial.replace(path)
+    return {"file": path.name, "ids": ids_path.name, "samples": len(rows), "sha256": sha256_file(path)}
+
+
+def _settings(source: str, options: ConvertOptions) -> dict[str, Any]:
+    """What must match for a resumed conversion to continue the same dataset."""
+    return {
+        "source": source,
+        "tokenizer": TOKENIZER_NAME,
+        "context_length": CONTEXT_LENGTH,
+        "captions_per_image": options.captions_per_image,
+        "max_side": options.max_side,
+        "quality": options.quality,
+        "shard_size": options.shard_size,
+    }
+
+
+@dataclass
+class _State:
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    consumed: int = 0  # source records read into complete shards (samples and skips)
+    skipped: Counter = field(default_factory=Counter)
+    seen: set[str] = field(default_factory=set)  # uids accepted so far, for duplicate detection
+
+    @property
+    def samples(self) -> int:
+        return sum(s["samples"] for s in self.shards)
+
+
+def _manifest(settings: dict[str, Any], state: _State, complete: bool, seconds: float) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "complete": complete,
+        **settings,
+        "samples": state.samples,
+        "skipped": dict(sorted(state.skipped.items())),
+        "shards": state.shards,
+        "consumed": state.consumed,
+        "seconds": round(seconds, 2),
+    }
+
+
+def _verified_shard(out_dir: Path, shard: dict[str, Any]) -> bool:
+    beton, ids = out_dir / shard["file"], out_dir / shard["ids"]
+    if not beton.is_file() or not ids.is_file() or sha256_file(beton) != shard["sha256"]:
+        return False
+    return len(ids.read_text(encoding="utf-8").splitlines()) == shard["samples"]
+
+
+def _resume_state(out_dir: Path, settings: dict[str, Any]) -> _State:
+    """The complete shards of an interrupted conversion, verified; everything else removed."""
+    previous = json.loads((out_dir / MANIFEST).read_text())
+    if previous.get("complete"):
+        raise DatasetError(f"{out_dir}: the conversion is already complete; nothing to resume")
+    changed = [k for k, v in settings.items() if previous.get(k) != v]
+    if changed:
+        raise DatasetError(f"{out_dir}: cannot resume with different {', '.join(changed)} than the interrupted run")
+    state = _State()
+    for shard in previous["shards"]:
+        if not _verified_shard(out_dir, shard):
+            break  # this shard and everything after it is converted again
+        state.shards.append(shard)
+        state.consumed, state.skipped = shard["consumed"], Counter(shard["skipped"])
+        ids = (out_dir / shard["ids"]).read_text(encoding="utf-8").splitlines()
+        state.seen.update(json.loads(line) for line in ids)
+    keep = {MANIFEST} | {s["file"] for s in state.shards} | {s["ids"] for s in state.shards}
+    for path in out_dir.iterdir():
+        if path.name not in keep and path.name.startswith("shard-"):
+            path.unlink()
+    return state
+
+
+def _start(out_dir: Path, settings: dict[str, Any], resume: bool) -> tuple[_State, bool]:
+    """(state to continue from, whether this call created out_dir)."""
+    if (out_dir / MANIFEST).exists():
+        if resume:
+            return _resume_state(out_dir, settings), False
+        raise DatasetError(f"{out_dir}: already holds a converted dataset; pass --resume to finish an interrupted one, or choose another --out")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DatasetError(f"{out_dir}: exists and is not an empty directory; choose another --out")
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _State(), created
 
 
 def convert(
@@ -152,68 +247,65 @@ def convert(
     *,
     source: str,
     options: ConvertOptions = ConvertOptions(),
+    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write `out_dir/shard-*.beton` and `out_dir/manifest.json`; return the manifest."""
+    """Write `out_dir/shard-*.beton` (+ `.ids`) and `out_dir/manifest.json`; return the manifest."""
     out_dir = Path(out_dir)
-    if (out_dir / MANIFEST).exists():
-        raise DatasetError(f"{out_dir}: already holds a converted dataset; remove it or choose another --out")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DatasetError(f"{out_dir}: exists and is not an empty directory; choose another --out")
-    work_dir = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
+    settings = _settings(source, options)
+    state, created = _start(out_dir, settings, resume)
+    started = time.perf_counter()
     try:
-        manifest = _convert_into(samples, work_dir, source, options, progress)
-        if out_dir.exists():
-            out_dir.rmdir()  # checked empty above
-        work_dir.replace(out_dir)
+        _convert_into(samples, out_dir, settings, state, options, progress, started)
     except BaseException:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        for partial in out_dir.glob(f"*{PARTIAL}"):
+            partial.unlink()
+        if created and not state.shards:
+            shutil.rmtree(out_dir, ignore_errors=True)  # nothing worth resuming: leave nothing
         raise
+    manifest = _manifest(settings, state, True, time.perf_counter() - started)
+    write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
 
 
 def _convert_into(
-    samples: Iterable[RawSample], work_dir: Path, source: str, options: ConvertOptions, progress: bool
-) -> dict[str, Any]:
-    if options.limit:
-        samples = (s for i, s in zip(range(options.limit), samples))
-    skipped: Counter[str] = Counter()
-    ids: list[str] = []
-    shards: list[dict[str, Any]] = []
+    samples: Iterable[RawSample],
+    out_dir: Path,
+    settings: dict[str, Any],
+    state: _State,
+    options: ConvertOptions,
+    progress: bool,
+    started: float,
+) -> None:
+    records = itertools.islice(samples, state.consumed, options.limit or None)
+    consumed, skipped = state.consumed, Counter(state.skipped)
     rows: list[Prepared] = []
-    started = time.perf_counter()
-    bar = tqdm(desc=f"convert {source}", unit="img", disable=not progress or os.environ.get("CI") == "true")
-    for item in _prepared_stream(samples, options):
-        bar.update(1)
-        if isinstance(item, BadSample):
-            skipped[item.reason] += 1
-            continue
-        rows.append(item)
-        ids.append(item.uid)
-        if len(rows) == options.shard_size:
-            shards.append(_write_shard(work_dir / shard_name(len(shards)), rows, len(ids) - len(rows), options))
-            rows = []
-    bar.close()
+
+    def flush() -> None:
+        shard = _write_shard(out_dir, len(state.shards), rows, state.samples, options)
+        shard.update(consumed=consumed, skipped=dict(sorted(skipped.items())))
+        state.shards.append(shard)
+        state.consumed, state.skipped = consumed, Counter(skipped)
+        write_json_atomic(out_dir / MANIFEST, _manifest(settings, state, False, time.perf_counter() - started))
+        rows.clear()
+
+    quiet = not progress or os.environ.get("CI") == "true"
+    with tqdm(desc=f"convert {settings['source']}", unit="img", initial=consumed, disable=quiet) as bar:
+        for item in _prepared_stream(records, options):
+            consumed += 1
+            bar.update(1)
+            if isinstance(item, BadSample):
+                skipped[item.reason] += 1
+            elif item.uid in state.seen:
+                skipped["duplicate_id"] += 1
+            else:
+                rows.append(item)
+                state.seen.add(item.uid)
+                if len(rows) == options.shard_size:
+                    flush()
     if rows:
-        shards.append(_write_shard(work_dir / shard_name(len(shards)), rows, len(ids) - len(rows), options))
-    if not ids:
+        flush()
+    state.consumed, state.skipped = consumed, skipped
+    if not state.shards:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "the source yielded nothing"
-        raise DatasetError(f"{source}: no usable samples ({reasons})")
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "source": source,
-        "samples": len(ids),
-        "skipped": dict(sorted(skipped.items())),
-        "shards": shards,
-        "tokenizer": TOKENIZER_NAME,
-        "context_length": CONTEXT_LENGTH,
-        "captions_per_image": options.captions_per_image,
-        "max_side": options.max_side,
-        "quality": options.quality,
-        "seconds": round(time.perf_counter() - started, 2),
-        "ids": ids,
-    }
-    write_json_atomic(work_dir / MANIFEST, manifest)
-    return manifest
+        raise DatasetError(f"{settings['source']}: no usable samples ({reasons})")

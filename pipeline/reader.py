@@ -6,6 +6,7 @@ a DatasetError naming the file.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,6 +46,8 @@ class _Shard:
         meta = reader.metadata
         order = np.argsort(table["ptr"])
         ptrs, sizes = table["ptr"][order], table["size"][order]
+        self.image_hw = np.stack([meta["f0"]["height"], meta["f0"]["width"]], axis=1).astype(np.int64)  # (n, 2)
+        self.uid = meta["f3"].astype(np.int64)
         self.image_ptr = meta["f0"]["data_ptr"].astype(np.int64)
         self.image_size = sizes[np.searchsorted(ptrs, meta["f0"]["data_ptr"])].astype(np.int64)
         self.tokens_ptr = meta["f1"].astype(np.int64)
@@ -90,10 +93,27 @@ class BetonDataset:
         start = shard.tokens_ptr[i]
         return shard.data[start : start + shard.token_bytes].view(np.int32).reshape(shard.token_shape)
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) as recorded in the shard's metadata."""
+        shard, i = self._locate(index)
+        return int(shard.image_hw[i, 0]), int(shard.image_hw[i, 1])
+
+    def uid_field(self, index: int) -> int:
+        shard, i = self._locate(index)
+        return int(shard.uid[i])
+
     def captions(self, index: int) -> list[str]:
         shard, i = self._locate(index)
         start = shard.text_ptr[i]
         return bytes(shard.data[start : start + shard.text_size[i]]).decode("utf-8").split("\n")
+
+    def ids(self) -> list[str]:
+        """Every sample's source id, in index order (the `uid` field indexes this list)."""
+        out: list[str] = []
+        for shard in self.manifest["shards"]:
+            lines = (self.directory / shard["ids"]).read_text(encoding="utf-8").splitlines()
+            out.extend(json.loads(line) for line in lines)
+        return out
 
     @property
     def nbytes(self) -> int:

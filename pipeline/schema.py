@@ -77,7 +77,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
         raise DatasetError(f"{path}: schema_version {version!r}, this slipstream reads {SCHEMA_VERSION}")
-    for key in ("samples", "shards", "captions_per_image", "context_length"):
+    for key in ("complete", "samples", "shards", "captions_per_image", "context_length"):
         if key not in manifest:
             raise DatasetError(f"{path}: missing key '{key}'")
+    if not manifest["complete"]:
+        raise DatasetError(f"{path}: the conversion was interrupted; finish it with `slip convert ... --resume`")
     return manifest

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -23,9 +24,11 @@ def prepare_shapes(root: Path, spec: shapes.ShapesSpec, progress: bool = True) -
     raw = shapes.generate(root / "shapes", spec, progress=progress)
     digest = hashlib.sha256((raw / "spec.json").read_bytes()).hexdigest()[:12]
     converted = root / f"shapes-train-{digest}"  # a new spec never reuses another spec's shards
-    if not (converted / MANIFEST).exists():
+    manifest = converted / MANIFEST
+    if not manifest.exists() or not json.loads(manifest.read_text()).get("complete"):
         options = ConvertOptions(max_side=spec.image_size, captions_per_image=spec.captions_per_image, workers=os.cpu_count() or 1)
-        convert(folder.iter_samples(raw / "train"), converted, source="folder", options=options, progress=progress)
+        samples = folder.iter_samples(raw / "train")
+        convert(samples, converted, source="folder", options=options, resume=manifest.exists(), progress=progress)
     return converted, raw
 
 

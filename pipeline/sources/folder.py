@@ -1,12 +1,24 @@
 """An image folder with sidecar captions: `a/b.jpg` + `a/b.txt` (one caption per line)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Iterator
 
 from pipeline.sources import Sample, SourceError
 
+NAME = "folder"
+HELP = "images with a sidecar .txt of captions, one per line"
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, metavar="DIR", help="directory of images (searched recursively)")
+
+
+def from_args(args: argparse.Namespace) -> Iterator[Sample]:
+    return iter_samples(args.images)
 
 
 def read_captions(path: Path) -> list[str]:

@@ -1,0 +1,105 @@
+"""Conceptual Captions (CC3M / CC12M) in the SLIP reference's layouts.
+
+Either a `.npy` array of dicts, `{"image_id": 1510438788, "captions": [...]}` (CC3M) or
+`{"image_name": "0.jpg", "image_id": 0, "captions": [...]}` (CC12M), or a `.tsv` of
+`caption<TAB>path` lines, one caption per line, paths relative to the image root.
+"""
+from __future__ import annotations
+
+import argparse
+import numbers
+import pickle
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.sources import Sample, Skip, SourceError
+
+NAME = "cc"
+HELP = "Conceptual Captions CC3M/CC12M: an image root and a .npy of dicts or a caption<TAB>path .tsv"
+
+TSV_HEADERS = (("caption", "path"), ("caption", "filepath"))
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, metavar="DIR", help="directory the image paths are relative to")
+    parser.add_argument(
+        "--annotations",
+        required=True,
+        metavar="FILE",
+        help="cc3m.npy / cc12m.npy (array of dicts), or a caption<TAB>path .tsv",
+    )
+
+
+def from_args(args: argparse.Namespace) -> Iterator[Sample | Skip]:
+    return iter_samples(root=args.root, annotations=args.annotations)
+
+
+def _npy_entry(root: Path, entry: Any) -> tuple[str, str, list[str]] | None:
+    """(uid, path, captions) of one dict, or None when it lacks the fields or has the wrong types."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("captions"), (list, tuple)):
+        return None
+    if not all(isinstance(c, str) for c in entry["captions"]):
+        return None
+    image_id, image_name = entry.get("image_id"), entry.get("image_name")
+    # `image_id` 0 is a real id (CC12M starts there): test for presence, never truthiness.
+    has_id = isinstance(image_id, (str, numbers.Integral)) and not isinstance(image_id, bool) and str(image_id) != ""
+    if isinstance(image_name, str) and image_name:
+        # CC12M names the file explicitly; the reference reads `image_name`, so it wins over the id.
+        return (str(image_id) if has_id else image_name), str(root / image_name), list(entry["captions"])
+    if has_id:
+        name = str(image_id)
+        # CC3M: the id is the file's stem; an id that already carries a suffix is taken as the name.
+        if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            name += ".jpg"
+        return str(image_id), str(root / name), list(entry["captions"])
+    return None
+
+
+def _iter_npy(root: Path, path: Path) -> Iterator[Sample | Skip]:
+    try:
+        # allow_pickle only because this is the reference's own annotation format, produced by
+        # the user's download scripts; it runs arbitrary code, so never point it at untrusted files.
+        entries = np.load(path, allow_pickle=True)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise SourceError(f"{path}: not a readable .npy ({type(err).__name__})") from None
+    if not isinstance(entries, np.ndarray) or entries.ndim != 1:
+        raise SourceError(f"{path}: expected a 1-d array of dicts, got {type(entries).__name__}")
+    for i, entry in enumerate(entries):
+        parsed = _npy_entry(root, entry)
+        if parsed is None:
+            yield Skip(f"{path.name}#{i}", "malformed_annotation")
+        else:
+            yield Sample(*parsed)
+
+
+def _iter_tsv(root: Path, path: Path) -> Iterator[Sample | Skip]:
+    # newline="\n": a stray "\r" inside a caption must not split the line in two.
+    with open(path, encoding="utf-8", errors="replace", newline="\n") as f:
+        for lineno, line in enumerate(f, start=1):
+            fields = line.rstrip("\r\n").split("\t")
+            if lineno == 1 and tuple(x.strip().lower() for x in fields) in TSV_HEADERS:
+                continue
+            if fields == [""]:
+                continue  # a blank line is not a record
+            if len(fields) != 2 or not fields[1]:
+                yield Skip(f"{path.name}:{lineno}", "malformed_annotation")
+                continue
+            caption, rel = fields
+            yield Sample(rel, str(root / rel), [caption])
+
+
+def iter_samples(*, root: str | Path, annotations: str | Path) -> Iterator[Sample | Skip]:
+    root, path = Path(root), Path(annotations)
+    if not path.is_file():
+        raise SourceError(f"{path}: no such annotation file")
+    if path.suffix.lower() not in (".npy", ".tsv"):
+        raise SourceError(f"{path}: expected a .npy or .tsv annotation file")
+    if not root.is_dir():
+        raise SourceError(f"{root}: no such image directory")
+    if path.suffix.lower() == ".npy":
+        yield from _iter_npy(root, path)
+    else:
+        yield from _iter_tsv(root, path)

@@ -1,0 +1,61 @@
+"""RedCaps: annotation JSON of {image_id, subreddit, caption}; images at `images/<subreddit>/<image_id>.jpg`.
+
+Accepts the SLIP reference's combined file (a top-level list, as its redcaps/combine_captions.py
+writes it) and RedCaps' own per-subreddit files ({"info": ..., "annotations": [...]}).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.sources import Sample, Skip, SourceError
+
+NAME = "redcaps"
+HELP = "RedCaps: images/<subreddit>/<image_id>.jpg and the combined annotation JSON"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, metavar="DIR", help="directory holding <subreddit>/<image_id>.jpg")
+    parser.add_argument(
+        "--annotations", required=True, metavar="FILE", help="annotation JSON: a list, or {'annotations': [...]}"
+    )
+
+
+def from_args(args: argparse.Namespace) -> Iterator[Sample | Skip]:
+    return iter_samples(images=args.images, annotations=args.annotations)
+
+
+def _load(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise SourceError(f"{path}: no such annotation file")
+    try:
+        # Decoded leniently: Reddit titles carry every kind of byte, one bad one must not lose the file.
+        data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as err:
+        raise SourceError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        return data["annotations"]
+    if isinstance(data, list):
+        return data
+    raise SourceError(f"{path}: expected a list of annotations or an object with an 'annotations' list")
+
+
+def _usable_name(value: Any) -> bool:
+    # Both fields become path components: a separator or ".." would point outside the image root.
+    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\\" not in value
+
+
+def iter_samples(*, images: str | Path, annotations: str | Path) -> Iterator[Sample | Skip]:
+    root, path = Path(images), Path(annotations)
+    anns = _load(path)
+    if not root.is_dir():
+        raise SourceError(f"{root}: no such image directory")
+    for i, ann in enumerate(anns):
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if not (_usable_name(image_id) and _usable_name(ann.get("subreddit")) and isinstance(ann.get("caption"), str)):
+            uid = image_id if isinstance(image_id, str) and image_id else f"{path.name}#{i}"
+            yield Skip(uid, "malformed_annotation")
+            continue
+        yield Sample(image_id, str(root / ann["subreddit"] / f"{image_id}.jpg"), [ann["caption"]])
