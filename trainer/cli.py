@@ -85,6 +85,37 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile_convert(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+    import tempfile
+
+    from pipeline.convert_bench import compare, synthetic_images
+
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    scratch = None
+    if args.images:
+        images = Path(args.images)
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="slip-bench-images-"))
+        images = synthetic_images(scratch / "images", args.synthetic)
+    try:
+        results = compare(images, workers, max_side=args.max_side, quality=args.quality, shard_size=args.shard_size)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{results['images']} images, max side {results['max_side']}, quality {results['quality']}, "
+          f"shards of {results['shard_size']}, {results['cores']} cores")  # fmt: skip
+    print(f"  baseline (PIL, one process)  {results['baseline']['images_per_s']:8.1f} images/s")
+    for w in workers:
+        r = results[f"slipstream_workers_{w}"]
+        print(f"  slip convert, {w} worker(s)    {r['images_per_s']:8.1f} images/s  {r['ratio']:.2f}x")
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.verify import verify
 
@@ -138,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--grid", type=int, default=0, help="draw N evenly spaced samples with their captions")
     insp.add_argument("--png", help="where to write the contact sheet")
     insp.set_defaults(func=_cmd_inspect)
+
+    prof = sub.add_parser("profile", help="measure throughput, side by side with a baseline")
+    targets = prof.add_subparsers(dest="target", required=True)
+    pconv = targets.add_parser("convert", help="slip convert against a plain single-process PIL loop")
+    pconv.add_argument("--images", help="folder of JPEGs with sidecar captions (default: --synthetic of them)")
+    pconv.add_argument("--synthetic", type=int, default=1000, help="generate N 400-640 px JPEGs when no --images")
+    pconv.add_argument("--workers", default="1,2", help="worker counts to measure, comma-separated (default 1,2)")
+    pconv.add_argument("--max-side", type=int, default=384)
+    pconv.add_argument("--quality", type=int, default=90)
+    pconv.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    pconv.add_argument("--json", action="store_true", help="print the figures as JSON")
+    pconv.set_defaults(func=_cmd_profile_convert)
 
     ver = sub.add_parser("verify", help="decode every sample and check tokens, text and checksums")
     ver.add_argument("dir", help="directory written by `slip convert`")

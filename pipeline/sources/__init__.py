@@ -5,9 +5,10 @@ the converter's workers (`read_image`), so that many files are read in parallel.
 """
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 # Where an image's encoded bytes are: the bytes themselves (e.g. from a tar stream), a file
 # path, or (zip archive path, member name).
@@ -29,6 +30,16 @@ class Skip(NamedTuple):
 
 class SourceError(ValueError):
     """A source that cannot be read at all; the message is one line naming the file."""
+
+
+def read_json_file(path: Path) -> Any:
+    """A whole annotation file, decoded leniently: one bad byte in one caption must not lose the file."""
+    if not path.is_file():
+        raise SourceError(f"{path}: no such annotation file")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as err:
+        raise SourceError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
 def read_image(ref: ImageRef) -> bytes:

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.sources import Sample, Skip, SourceError
+from pipeline.sources import Sample, Skip, SourceError, read_json_file
 
 NAME = "coco"
 HELP = "COCO captions: an image directory and captions_*.json"
@@ -24,13 +23,7 @@ def from_args(args: argparse.Namespace) -> Iterator[Sample | Skip]:
 
 
 def _load(path: Path) -> tuple[list[Any], list[Any]]:
-    if not path.is_file():
-        raise SourceError(f"{path}: no such annotation file")
-    try:
-        # Decoded leniently so that one bad byte in one caption does not lose the whole file.
-        data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
-    except json.JSONDecodeError as err:
-        raise SourceError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    data = read_json_file(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
         data.get("annotations"), list
     ):

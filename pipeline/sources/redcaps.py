@@ -6,11 +6,10 @@ writes it) and RedCaps' own per-subreddit files ({"info": ..., "annotations": [.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.sources import Sample, Skip, SourceError
+from pipeline.sources import Sample, Skip, SourceError, read_json_file
 
 NAME = "redcaps"
 HELP = "RedCaps: images/<subreddit>/<image_id>.jpg and the combined annotation JSON"
@@ -28,13 +27,7 @@ def from_args(args: argparse.Namespace) -> Iterator[Sample | Skip]:
 
 
 def _load(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise SourceError(f"{path}: no such annotation file")
-    try:
-        # Decoded leniently: Reddit titles carry every kind of byte, one bad one must not lose the file.
-        data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
-    except json.JSONDecodeError as err:
-        raise SourceError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    data = read_json_file(path)
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         return data["annotations"]
     if isinstance(data, list):
