@@ -12,6 +12,7 @@ on, producing the same shards, byte for byte, as an uninterrupted run.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -22,6 +23,8 @@ import os
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Union
@@ -43,6 +46,8 @@ from pipeline.sources import Sample, Skip, read_image
 from pipeline.text import CONTEXT_LENGTH, TOKENIZER_NAME, clean_caption, tokenize
 
 PARTIAL = ".partial"  # suffix of a shard being written
+CHUNK = 16  # samples per task sent to a worker: amortises the inter-process round trip
+WINDOW = 4  # chunks in flight per worker
 RawSample = Union[Sample, Skip, tuple[str, bytes, list[str]]]  # a source's records
 
 
@@ -51,7 +56,7 @@ class ConvertOptions:
     max_side: int = 384
     quality: int = 90
     captions_per_image: int = 5
-    shard_size: int = 100_000
+    shard_size: int = 10_000  # the parent holds one shard's encoded rows: ~400 MB at 384 px
     workers: int = 0  # 0 = every core
     limit: int = 0  # 0 = no limit
 
@@ -88,7 +93,7 @@ def prepare(sample: RawSample, options: ConvertOptions) -> Prepared | BadSample:
             data = read_image(ref)
         except FileNotFoundError:
             raise BadSample("missing_file", uid) from None
-        except OSError as err:
+        except Exception as err:  # a corrupt zip member, a permission error, a device file
             raise BadSample("unreadable_file", f"{uid}: {type(err).__name__}") from None
         image = normalize_image(data, max_side=options.max_side, quality=options.quality)
         cleaned = [c for c in (clean_caption(c) for c in captions) if c]
@@ -133,14 +138,35 @@ def _fork_safe() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _prepare_chunk(chunk: list[RawSample], options: ConvertOptions) -> list[Prepared | BadSample]:
+    return [prepare(sample, options) for sample in chunk]
+
+
 def _prepared_stream(samples: Iterable[RawSample], options: ConvertOptions) -> Iterator[Prepared | BadSample]:
-    work = functools.partial(prepare, options=options)
+    """Prepared samples in source order, from a pool of worker processes.
+
+    At most WINDOW chunks are in flight, so memory stays bounded on any dataset size; a worker
+    that dies (killed for memory, a crash in a native decoder) stops the run with an error
+    instead of leaving it waiting forever, as multiprocessing.Pool would.
+    """
     if options.n_workers <= 1:
-        yield from map(work, samples)
+        yield from (prepare(sample, options) for sample in samples)
         return
     tokenize(["load the vocabulary once, before the workers fork"])
-    with _fork_safe(), multiprocessing.get_context("fork").Pool(options.n_workers) as pool:
-        yield from pool.imap(work, samples, chunksize=16)
+    work = functools.partial(_prepare_chunk, options=options)
+    chunks = iter(lambda: list(itertools.islice(samples, CHUNK)), [])
+    context = multiprocessing.get_context("fork")
+    with _fork_safe(), ProcessPoolExecutor(options.n_workers, mp_context=context) as pool:
+        window: collections.deque[Future] = collections.deque()
+        try:
+            for chunk in chunks:
+                window.append(pool.submit(work, chunk))
+                if len(window) >= WINDOW * options.n_workers:
+                    yield from window.popleft().result()
+            while window:
+                yield from window.popleft().result()
+        except BrokenProcessPool:
+            raise DatasetError("a conversion worker died (out of memory?); complete shards are kept: rerun with --resume") from None
 
 
 def _write_shard(out_dir: Path, index: int, rows: list[Prepared], first_index: int, options: ConvertOptions) -> dict[str, Any]:
@@ -156,6 +182,8 @@ def _write_shard(out_dir: Path, index: int, rows: list[Prepared], first_index: i
     writer = DatasetWriter(str(partial), fields, num_workers=1)
     with _fork_safe():
         writer.from_indexed_dataset(_ShardRows(rows, first_index), chunksize=256)
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())  # the manifest will vouch for this shard: it must be on disk first
     partial.replace(path)
     return {"file": path.name, "ids": ids_path.name, "samples": len(rows), "sha256": sha256_file(path)}
 
@@ -170,6 +198,7 @@ def _settings(source: str, options: ConvertOptions) -> dict[str, Any]:
         "max_side": options.max_side,
         "quality": options.quality,
         "shard_size": options.shard_size,
+        "limit": options.limit,
     }
 
 
@@ -177,8 +206,9 @@ def _settings(source: str, options: ConvertOptions) -> dict[str, Any]:
 class _State:
     shards: list[dict[str, Any]] = field(default_factory=list)
     consumed: int = 0  # source records read into complete shards (samples and skips)
-    skipped: Counter = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
     seen: set[str] = field(default_factory=set)  # uids accepted so far, for duplicate detection
+    last_uid: str | None = None  # uid of the last record consumed: resuming checks the source still has it there
 
     @property
     def samples(self) -> int:
@@ -218,14 +248,20 @@ def _resume_state(out_dir: Path, settings: dict[str, Any]) -> _State:
         if not _verified_shard(out_dir, shard):
             break  # this shard and everything after it is converted again
         state.shards.append(shard)
-        state.consumed, state.skipped = shard["consumed"], Counter(shard["skipped"])
+        state.consumed, state.skipped, state.last_uid = shard["consumed"], Counter(shard["skipped"]), shard["last_uid"]
         ids = (out_dir / shard["ids"]).read_text(encoding="utf-8").splitlines()
         state.seen.update(json.loads(line) for line in ids)
+    _remove_unlisted(out_dir, state)
+    return state
+
+
+def _remove_unlisted(out_dir: Path, state: _State) -> None:
+    """Shard files no manifest lists (a kill mid-shard) and temporary files of atomic writes."""
     keep = {MANIFEST} | {s["file"] for s in state.shards} | {s["ids"] for s in state.shards}
     for path in out_dir.iterdir():
-        if path.name not in keep and path.name.startswith("shard-"):
+        ours = path.name.startswith(("shard-", ".shard-", f".{MANIFEST}.tmp-"))
+        if ours and path.name not in keep:
             path.unlink()
-    return state
 
 
 def _start(out_dir: Path, settings: dict[str, Any], resume: bool) -> tuple[_State, bool]:
@@ -238,6 +274,8 @@ def _start(out_dir: Path, settings: dict[str, Any], resume: bool) -> tuple[_Stat
         raise DatasetError(f"{out_dir}: exists and is not an empty directory; choose another --out")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Written before any shard, so a kill during the first one still leaves a resumable directory.
+    write_json_atomic(out_dir / MANIFEST, _manifest(settings, _State(), False, 0.0))
     return _State(), created
 
 
@@ -258,14 +296,29 @@ def convert(
     try:
         _convert_into(samples, out_dir, settings, state, options, progress, started)
     except BaseException:
-        for partial in out_dir.glob(f"*{PARTIAL}"):
-            partial.unlink()
         if created and not state.shards:
             shutil.rmtree(out_dir, ignore_errors=True)  # nothing worth resuming: leave nothing
+        elif out_dir.is_dir():
+            _remove_unlisted(out_dir, state)
+            if not state.shards:  # an --out that existed empty: leave it empty again
+                (out_dir / MANIFEST).unlink(missing_ok=True)
         raise
     manifest = _manifest(settings, state, True, time.perf_counter() - started)
     write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def _skip_consumed(records: Iterator[RawSample], state: _State, out_dir: Path) -> Iterator[RawSample]:
+    """The source past the records already in complete shards, after checking it is the same source."""
+    if state.consumed == 0:
+        return records
+    last = next(itertools.islice(records, state.consumed - 1, None), None)
+    if last is None or last[0] != state.last_uid:
+        raise DatasetError(
+            f"{out_dir}: the source changed since the interrupted run (record {state.consumed} was "
+            f"{state.last_uid!r}, now {None if last is None else last[0]!r}); convert into a new --out"
+        )
+    return records
 
 
 def _convert_into(
@@ -277,13 +330,21 @@ def _convert_into(
     progress: bool,
     started: float,
 ) -> None:
-    records = itertools.islice(samples, state.consumed, options.limit or None)
+    records = _skip_consumed(iter(samples), state, out_dir)
+    if options.limit:
+        records = itertools.islice(records, max(0, options.limit - state.consumed))
+    uids: collections.deque[str] = collections.deque()  # uids fed to the workers, in order
     consumed, skipped = state.consumed, Counter(state.skipped)
     rows: list[Prepared] = []
 
+    def fed(records: Iterator[RawSample]) -> Iterator[RawSample]:
+        for record in records:
+            uids.append(record[0])
+            yield record
+
     def flush() -> None:
         shard = _write_shard(out_dir, len(state.shards), rows, state.samples, options)
-        shard.update(consumed=consumed, skipped=dict(sorted(skipped.items())))
+        shard.update(consumed=consumed, last_uid=last_uid, skipped=dict(sorted(skipped.items())))
         state.shards.append(shard)
         state.consumed, state.skipped = consumed, Counter(skipped)
         write_json_atomic(out_dir / MANIFEST, _manifest(settings, state, False, time.perf_counter() - started))
@@ -291,7 +352,9 @@ def _convert_into(
 
     quiet = not progress or os.environ.get("CI") == "true"
     with tqdm(desc=f"convert {settings['source']}", unit="img", initial=consumed, disable=quiet) as bar:
-        for item in _prepared_stream(records, options):
+        last_uid = state.last_uid
+        for item in _prepared_stream(fed(records), options):
+            last_uid = uids.popleft()  # results come back in feeding order
             consumed += 1
             bar.update(1)
             if isinstance(item, BadSample):

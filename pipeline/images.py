@@ -86,6 +86,11 @@ def _open(data: bytes, decode: bool = True) -> Image.Image:
     return image
 
 
+def _complete_jpeg(data: bytes) -> bool:
+    """Ends with the EOI marker, allowing the zero padding some writers add after it."""
+    return data.rstrip(b"\0").endswith(b"\xff\xd9")
+
+
 def _keep_bytes(image: Image.Image, data: bytes, max_side: int) -> bool:
     """An RGB JPEG already small enough, upright and complete is stored byte for byte.
 
@@ -98,7 +103,7 @@ def _keep_bytes(image: Image.Image, data: bytes, max_side: int) -> bool:
         and image.mode == "RGB"
         and max(image.size) <= max_side
         and orientation == 1
-        and data.endswith(b"\xff\xd9")
+        and _complete_jpeg(data)
     )
 
 
@@ -131,7 +136,7 @@ def _decode_plain_jpeg(data: bytes) -> np.ndarray | None:
     The common case of a web dataset, decoded about 1.4x faster than by PIL. OpenCV applies
     the EXIF orientation itself; a file without its end marker goes to PIL, which refuses it.
     """
-    if not data.endswith(b"\xff\xd9"):
+    if not _complete_jpeg(data):
         return None
     return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)  # (h, w, 3) BGR
 

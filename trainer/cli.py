@@ -134,7 +134,7 @@ def _add_convert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-side", type=int, default=384, help="longest image side after resizing (default 384)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
     p.add_argument("--captions-per-image", type=int, default=5, help="captions kept per image, K (default 5)")
-    p.add_argument("--shard-size", type=int, default=100_000, help="samples per .beton shard (default 100000)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="samples per .beton shard (default 10000)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: every core)")
     p.add_argument("--limit", type=int, default=0, help="convert only the first N source records (default: all)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted conversion into --out")

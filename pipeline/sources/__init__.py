@@ -6,6 +6,8 @@ the converter's workers (`read_image`), so that many files are read in parallel.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple, Union
@@ -32,6 +34,22 @@ class SourceError(ValueError):
     """A source that cannot be read at all; the message is one line naming the file."""
 
 
+MAX_FILE_BYTES = 1 << 28  # 256 MiB: no training image is larger; a bigger "image" is read no further
+
+
+def join_under(root: Path, relative: str) -> str | None:
+    """root/relative, or None when an annotation's path is absolute or climbs out of root."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts:
+        return None
+    return str(root / rel)
+
+
+def usable(sample: Sample | None, uid: str) -> Sample | Skip:
+    """A sample whose path was refused by `join_under` becomes a malformed annotation."""
+    return Skip(uid, "malformed_annotation") if sample is None or sample.image is None else sample
+
+
 def read_json_file(path: Path) -> Any:
     """A whole annotation file, decoded leniently: one bad byte in one caption must not lose the file."""
     if not path.is_file():
@@ -47,6 +65,11 @@ def read_image(ref: ImageRef) -> bytes:
     if isinstance(ref, bytes):
         return ref
     if isinstance(ref, str):
+        info = os.stat(ref)  # FileNotFoundError: the converter counts missing_file
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{ref}: not a regular file")  # a FIFO or a device would never end
+        if info.st_size > MAX_FILE_BYTES:
+            raise OSError(f"{ref}: {info.st_size} bytes")
         return Path(ref).read_bytes()
     archive, member = ref
     with zipfile.ZipFile(archive) as z:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.sources import Sample, Skip, SourceError
+from pipeline.sources import Sample, Skip, SourceError, join_under, usable
 
 NAME = "cc"
 HELP = "Conceptual Captions CC3M/CC12M: an image root and a .npy of dicts or a caption<TAB>path .tsv"
@@ -48,13 +48,15 @@ def _npy_entry(root: Path, entry: Any) -> tuple[str, str, list[str]] | None:
     has_id = isinstance(image_id, (str, numbers.Integral)) and not isinstance(image_id, bool) and str(image_id) != ""
     if isinstance(image_name, str) and image_name:
         # CC12M names the file explicitly; the reference reads `image_name`, so it wins over the id.
-        return (str(image_id) if has_id else image_name), str(root / image_name), list(entry["captions"])
+        path = join_under(root, image_name)
+        return None if path is None else ((str(image_id) if has_id else image_name), path, list(entry["captions"]))
     if has_id:
         name = str(image_id)
         # CC3M: the id is the file's stem; an id that already carries a suffix is taken as the name.
         if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
             name += ".jpg"
-        return str(image_id), str(root / name), list(entry["captions"])
+        path = join_under(root, name)
+        return None if path is None else (str(image_id), path, list(entry["captions"]))
     return None
 
 
@@ -88,7 +90,7 @@ def _iter_tsv(root: Path, path: Path) -> Iterator[Sample | Skip]:
                 yield Skip(f"{path.name}:{lineno}", "malformed_annotation")
                 continue
             caption, rel = fields
-            yield Sample(rel, str(root / rel), [caption])
+            yield usable(Sample(rel, join_under(root, rel), [caption]), rel)
 
 
 def iter_samples(*, root: str | Path, annotations: str | Path) -> Iterator[Sample | Skip]:

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.sources import Sample, Skip, SourceError, read_json_file
+from pipeline.sources import Sample, Skip, SourceError, join_under, read_json_file, usable
 
 NAME = "coco"
 HELP = "COCO captions: an image directory and captions_*.json"
@@ -64,4 +64,5 @@ def iter_samples(*, images: str | Path, annotations: str | Path) -> Iterator[Sam
             yield Skip(str(uid), "malformed_annotation")
             continue
         # An image without captions is still yielded: the converter counts it as no_caption.
-        yield Sample(str(entry["id"]), str(root / entry["file_name"]), captions[entry["id"]])
+        uid = str(entry["id"])
+        yield usable(Sample(uid, join_under(root, entry["file_name"]), captions[entry["id"]]), uid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -100,8 +101,12 @@ def iter_samples(*, shards: str | Path) -> Iterator[Sample | Skip]:
     paths = find_shards(shards)
     for shard in paths:
         _check_opens(shard)
+    common = Path(os.path.commonpath([p.parent for p in paths])) if len(paths) > 1 else paths[0].parent
     for shard in paths:
-        stem = shard.name.split(".", 1)[0]
+        # The shard's path below the shards' common folder, suffix dropped: `a/00000.tar` and
+        # `b/00000.tar`, or `train.000.tar` and `train.001.tar`, never give the same uids.
+        name = shard.relative_to(common).as_posix()
+        stem = next((name[: -len(s)] for s in TAR_SUFFIXES if name.endswith(s)), name)
         try:
             with tarfile.open(shard, "r|*") as tar:
                 for key, files in _groups(tar):

@@ -34,9 +34,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _convert(images: Path, out: Path, *extra: str) -> subprocess.Popen:
+def _convert(images: Path, out: Path, *extra: str, workers: int = 1) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "trainer.cli", "convert", "folder", "--images", str(images), "--out", str(out),
-           "--workers", "1", "--shard-size", str(SHARD), "--max-side", "96", *extra]  # fmt: skip
+           "--workers", str(workers), "--shard-size", str(SHARD), "--max-side", "96", *extra]  # fmt: skip
     env = {**os.environ, "CI": "true"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -61,16 +61,32 @@ def reference(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _first_shard_in_progress(out: Path) -> bool:
+    return (out / "shard-00000.ids").exists() and _listed_shards(out) == 0
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
-def test_killed_conversion_resumes_to_the_same_bytes(images: Path, reference: Path, tmp_path: Path, sig: int) -> None:
+@pytest.mark.parametrize(
+    "sig,workers,when",
+    [
+        (signal.SIGINT, 1, "after two shards"),
+        (signal.SIGKILL, 1, "after two shards"),
+        (signal.SIGKILL, 2, "after two shards"),
+        (signal.SIGKILL, 1, "during the first shard"),
+    ],
+    ids=["sigint", "sigkill", "sigkill-pool", "sigkill-first-shard"],
+)
+def test_killed_conversion_resumes_to_the_same_bytes(
+    images: Path, reference: Path, tmp_path: Path, sig: int, workers: int, when: str
+) -> None:
     out = tmp_path / "out"
-    proc = _convert(images, out)
+    proc = _convert(images, out, workers=workers)
+    ready = (lambda: _listed_shards(out) >= 2) if when == "after two shards" else (lambda: _first_shard_in_progress(out))
     deadline = time.monotonic() + 300
-    while _listed_shards(out) < 2:  # at least two complete shards, then kill mid-run
+    while not ready():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         assert time.monotonic() < deadline
-        time.sleep(0.02)
+        time.sleep(0.005)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
@@ -78,11 +94,11 @@ def test_killed_conversion_resumes_to_the_same_bytes(images: Path, reference: Pa
         assert proc.returncode == 130 and "rerun with --resume" in err
         assert not list(out.glob("*.partial"))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["complete"] is False and len(manifest["shards"]) >= 2
+    assert manifest["complete"] is False and len(manifest["shards"]) >= (2 if when == "after two shards" else 0)
     with pytest.raises(DatasetError, match="interrupted"):
         BetonDataset(out)
 
-    again = _convert(images, out, "--resume")
+    again = _convert(images, out, "--resume", workers=workers)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-2000:]
     assert _files(out) == _files(reference)
@@ -114,6 +130,15 @@ def test_resume_refuses_other_settings_and_finished_datasets(images: Path, refer
     with pytest.raises(DatasetError, match="different max_side"):
         convert(folder.iter_samples(images), partial, source="folder",
                 options=ConvertOptions(max_side=128, shard_size=SHARD, workers=1), resume=True, progress=False)  # fmt: skip
+    # A source that changed since the interruption (here: one record fewer before the cut).
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    for p in images.iterdir():
+        if not p.name.startswith("0003."):
+            (shifted / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(DatasetError, match="source changed"):
+        convert(folder.iter_samples(shifted), partial, source="folder",
+                options=ConvertOptions(max_side=96, shard_size=SHARD, workers=1), resume=True, progress=False)  # fmt: skip
     # A shard damaged after the interruption is converted again, not trusted.
     (partial / "shard-00001.beton").write_bytes(b"\0" * 100)
     convert(folder.iter_samples(images), partial, source="folder",

@@ -41,7 +41,8 @@ def test_round_trip_through_ffcvs_own_loader(tmp_path: Path) -> None:
     assert manifest["samples"] == 17 and [s["samples"] for s in manifest["shards"]] == [7, 7, 3]
 
     seen = 0
-    ids = BetonDataset(tmp_path / "out").ids()
+    ours = BetonDataset(tmp_path / "out")
+    ids = ours.ids()
     for shard in manifest["shards"]:
         loader = Loader(
             str(tmp_path / "out" / shard["file"]),
@@ -73,6 +74,11 @@ def test_round_trip_through_ffcvs_own_loader(tmp_path: Path) -> None:
                 # FFCV's BytesDecoder pads every row to the batch's longest, with stale bytes.
                 expected_text = "\n".join(cleaned).encode()
                 assert bytes(texts[j])[: len(expected_text)] == expected_text
+                # slipstream's reader sees the very same sample.
+                np.testing.assert_array_equal(tokens[j], ours.tokens(uid))
+                assert ours.captions(uid) == cleaned and ours.image_size(uid) == images[j].shape[:2]
+                ours_pixels = np.asarray(Image.open(io.BytesIO(ours.jpeg(uid).tobytes())).convert("RGB"))
+                assert np.abs(ours_pixels.astype(int) - images[j].astype(int)).max() <= 8
                 seen += 1
     assert seen == 17
 
@@ -190,3 +196,26 @@ def test_forked_workers_never_finalise_what_they_inherit(tmp_path: Path) -> None
         os.waitpid(child, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"finalised-in-{parent}"]
     del alive
+
+
+def test_a_worker_that_dies_stops_the_run_instead_of_hanging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import pipeline.convert as convert_module
+    from pipeline.sources import Sample
+
+    real_read = convert_module.read_image
+
+    def read_or_die(ref):  # forked workers inherit the patch
+        if ref == "die":
+            os._exit(9)  # as the kernel's OOM killer would end it
+        return real_read(ref)
+
+    monkeypatch.setattr(convert_module, "read_image", read_or_die)
+    samples = [Sample(uid, data, caps) for uid, data, caps in _samples(40)]
+    samples.insert(20, Sample("doomed", "die", ["x"]))
+    options = ConvertOptions(max_side=64, captions_per_image=3, shard_size=7, workers=2)
+    with pytest.raises(DatasetError, match="worker died"):
+        convert(samples, tmp_path / "out", source="test", options=options, progress=False)
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["complete"] is False and not list((tmp_path / "out").glob("*.partial"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import pickle
 import tarfile
 import zipfile
@@ -483,3 +484,18 @@ def test_yfcc_path_follows_the_reference_layout(tmp_path: Path) -> None:
     # SLIP README: "image 12345678 is stored as 678.jpg within 12/345.zip".
     assert yfcc.image_ref(tmp_path, 12345678) == (str(tmp_path / "images" / "12" / "345.zip"), "678.jpg")
     assert yfcc.image_ref(tmp_path, 42) == (str(tmp_path / "images" / "00" / "000.zip"), "042.jpg")
+
+
+def test_paths_that_leave_the_root_are_malformed(tmp_path: Path) -> None:
+    from pipeline.sources import Skip, csv as csv_source, read_image
+
+    (tmp_path / "root").mkdir()
+    table = tmp_path / "t.csv"
+    table.write_text("path,caption\n../secret.jpg,up and out\n/etc/passwd,absolute\nok.jpg,fine\n")
+    records = list(csv_source.iter_samples(table=table, root=tmp_path / "root", image_column="path", caption_column="caption"))
+    assert records[:2] == [Skip("../secret.jpg", "malformed_annotation"), Skip("/etc/passwd", "malformed_annotation")]
+    assert records[2].image == str(tmp_path / "root" / "ok.jpg")
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        read_image(str(fifo))  # a FIFO would block the worker forever
