@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import functools
 import gc
 import itertools
@@ -21,6 +22,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -48,6 +50,7 @@ from pipeline.text import CONTEXT_LENGTH, TOKENIZER_NAME, clean_caption, tokeniz
 PARTIAL = ".partial"  # suffix of a shard being written
 CHUNK = 16  # samples per task sent to a worker: amortises the inter-process round trip
 WINDOW = 4  # chunks in flight per worker
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RawSample = Union[Sample, Skip, tuple[str, bytes, list[str]]]  # a source's records
 
 
@@ -138,6 +141,18 @@ def _fork_safe() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool worker initialiser: a converter killed with SIGKILL must not leave its workers behind,
+    blocked forever on a queue whose other end is gone (and holding the caller's pipes open)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: workers then end when the queue breaks, as before
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _prepare_chunk(chunk: list[RawSample], options: ConvertOptions) -> list[Prepared | BadSample]:
     return [prepare(sample, options) for sample in chunk]
 
@@ -156,7 +171,8 @@ def _prepared_stream(samples: Iterable[RawSample], options: ConvertOptions) -> I
     work = functools.partial(_prepare_chunk, options=options)
     chunks = iter(lambda: list(itertools.islice(samples, CHUNK)), [])
     context = multiprocessing.get_context("fork")
-    with _fork_safe(), ProcessPoolExecutor(options.n_workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(options.n_workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),))
+    with _fork_safe(), pool:
         window: collections.deque[Future] = collections.deque()
         try:
             for chunk in chunks:

@@ -5,12 +5,13 @@ the converter's workers (`read_image`), so that many files are read in parallel.
 """
 from __future__ import annotations
 
+import csv as _csv  # not `csv`: that name is the sibling module pipeline.sources.csv
 import json
 import os
 import stat
 import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple, Union
+from typing import Any, Iterator, NamedTuple, Union
 
 # Where an image's encoded bytes are: the bytes themselves (e.g. from a tar stream), a file
 # path, or (zip archive path, member name).
@@ -48,6 +49,16 @@ def join_under(root: Path, relative: str) -> str | None:
 def usable(sample: Sample | None, uid: str) -> Sample | Skip:
     """A sample whose path was refused by `join_under` becomes a malformed annotation."""
     return Skip(uid, "malformed_annotation") if sample is None or sample.image is None else sample
+
+
+def csv_rows(path: Path, reader: Iterator[list[str]]) -> Iterator[list[str]]:
+    """A csv reader's rows, with the csv module's own errors (a runaway quote, a field past the
+    size limit) turned into a one-line SourceError naming the file and line."""
+    try:
+        yield from reader
+    except _csv.Error as err:
+        line = getattr(reader, "line_num", "?")
+        raise SourceError(f"{path}: line {line}: {err}") from None
 
 
 def read_json_file(path: Path) -> Any:

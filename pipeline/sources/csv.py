@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.sources import Sample, Skip, SourceError, join_under, usable
+from pipeline.sources import Sample, Skip, SourceError, csv_rows, join_under, usable
 
 NAME = "csv"
 HELP = "a CSV/TSV table with a header: image path column (relative to --root) and caption column"
@@ -68,7 +68,7 @@ def iter_samples(
         if missing:
             raise SourceError(f"{path}: no column {missing[0]!r}; the header is {header}")
         i_image, i_caption = header.index(image_column), header.index(caption_column)
-        for row in reader:
+        for row in csv_rows(path, reader):
             if not row:
                 continue  # a blank line is not a record
             image = row[i_image] if len(row) == len(header) else ""

@@ -13,7 +13,7 @@ import pickle
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.sources import Sample, Skip, SourceError
+from pipeline.sources import Sample, Skip, SourceError, csv_rows
 
 NAME = "yfcc"
 HELP = "YFCC15M: root/images/NN/NNN.zip archives and the yfcc15m.pkl (or index,title,description CSV) metadata"
@@ -69,7 +69,7 @@ def _iter_csv(root: Path, path: Path) -> Iterator[Sample | Skip]:
         header = [h.strip().lower() for h in next(reader, [])]
         if tuple(header) != CSV_COLUMNS:
             raise SourceError(f"{path}: header is {header}, expected {list(CSV_COLUMNS)}")
-        for row in reader:
+        for row in csv_rows(path, reader):
             if not row:
                 continue  # a blank line is not a record
             sample = _record(root, *row) if len(row) == 3 else None

@@ -499,3 +499,13 @@ def test_paths_that_leave_the_root_are_malformed(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(OSError, match="not a regular file"):
         read_image(str(fifo))  # a FIFO would block the worker forever
+
+
+def test_a_csv_the_csv_module_cannot_parse_is_a_one_line_source_error(tmp_path: Path) -> None:
+    from pipeline.sources import SourceError, csv as csv_source
+
+    (tmp_path / "root").mkdir()
+    table = tmp_path / "t.csv"
+    table.write_text("path,caption\na.jpg," + "x" * 200_000 + "\n")  # past the csv module's field limit
+    with pytest.raises(SourceError, match=r"t.csv: line \d+: field larger than field limit"):
+        list(csv_source.iter_samples(table=table, root=tmp_path / "root", image_column="path", caption_column="caption"))
