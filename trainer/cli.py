@@ -116,6 +116,24 @@ def _cmd_profile_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile_pipeline(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.pipeline_bench import compare_pipelines
+
+    r = compare_pipelines(
+        args.data, device=args.device, batch_size=args.batch_size, image_size=args.image_size,
+        workers=args.workers, steps=args.steps,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{args.data}: batches of {r['batch_size']} x 3 views of {r['image_size']} px, {r['workers']} workers, {r['device']}")
+    print(f"  baseline (PIL + torchvision, DataLoader)  {r['baseline']['samples_per_s']:8.1f} samples/s")
+    print(f"  slipstream (DALI {r['device']})             {r['slipstream']['samples_per_s']:8.1f} samples/s  {r['ratio']:.2f}x")
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.verify import verify
 
@@ -181,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     pconv.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     pconv.add_argument("--json", action="store_true", help="print the figures as JSON")
     pconv.set_defaults(func=_cmd_profile_convert)
+
+    ppipe = targets.add_parser("pipeline", help="the DALI three-view loader against the PIL + torchvision reference")
+    ppipe.add_argument("--data", required=True, help="directory written by `slip convert`")
+    ppipe.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    ppipe.add_argument("--batch-size", type=int, default=64)
+    ppipe.add_argument("--image-size", type=int, default=224)
+    ppipe.add_argument("--workers", type=int, default=0, help="CPU threads/workers for both (default: every core)")
+    ppipe.add_argument("--steps", type=int, default=10, help="measured batches (after 3 warm-up ones)")
+    ppipe.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ppipe.set_defaults(func=_cmd_profile_pipeline)
 
     ver = sub.add_parser("verify", help="decode every sample and check tokens, text and checksums")
     ver.add_argument("dir", help="directory written by `slip convert`")

@@ -1,0 +1,83 @@
+"""The SLIP reference input pipeline restated with PIL + torchvision on a torch DataLoader.
+
+Same transforms and parameters as SLIP's main.py / utils.GaussianBlur, reading the same
+converted samples as slipstream's loader, so the two can be measured side by side.
+"""
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from pipeline.augment import VIEWS, AugmentConfig
+from pipeline.reader import BetonDataset
+
+
+class PILGaussianBlur:
+    """SLIP's utils.GaussianBlur: PIL's blur with a radius drawn uniformly from `sigma`."""
+
+    def __init__(self, sigma: tuple[float, float]) -> None:
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def reference_transforms(cfg: AugmentConfig) -> dict[str, transforms.Compose]:
+    normalize = transforms.Normalize(mean=list(cfg.mean), std=list(cfg.std))
+    size = cfg.image_size
+    clip = transforms.Compose(
+        [transforms.RandomResizedCrop(size, scale=cfg.clip_scale, ratio=cfg.ratio), transforms.ToTensor(), normalize]
+    )
+    ssl = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=cfg.ssl_scale, ratio=cfg.ratio),
+            transforms.RandomApply([transforms.ColorJitter(*cfg.jitter)], p=cfg.jitter_p),
+            transforms.RandomGrayscale(p=cfg.grayscale_p),
+            transforms.RandomApply([PILGaussianBlur(cfg.blur_sigma)], p=cfg.blur_p),
+            transforms.RandomHorizontalFlip(p=cfg.flip_p),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    return {"image": clip, "aug1": ssl, "aug2": ssl}
+
+
+class ReferenceDataset(Dataset):
+    """One sample: PIL decode once, then each view's torchvision transform; the first caption."""
+
+    def __init__(self, dataset: BetonDataset, views: tuple[str, ...], cfg: AugmentConfig) -> None:
+        self.dataset = dataset
+        self.views = tuple(v for v in VIEWS if v in views)
+        self.transforms = reference_transforms(cfg)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        with Image.open(io.BytesIO(self.dataset.jpeg(index).tobytes())) as image:
+            image = image.convert("RGB")
+        out = {view: self.transforms[view](image) for view in self.views}  # each (3, S, S)
+        out["text"] = torch.from_numpy(self.dataset.tokens(index)[0].astype(np.int64))  # (77,)
+        out["index"] = torch.tensor(index)
+        return out
+
+
+def reference_loader(
+    dataset: BetonDataset, views: tuple[str, ...], cfg: AugmentConfig, *, batch_size: int, workers: int, seed: int = 0
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ReferenceDataset(dataset, views, cfg),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=generator,
+    )

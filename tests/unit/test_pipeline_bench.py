@@ -1,0 +1,47 @@
+"""The reference (PIL + torchvision) pipeline and `slip profile pipeline` on one small dataset."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import shapes
+from pipeline.augment import AugmentConfig
+from pipeline.baseline import ReferenceDataset, reference_loader
+from pipeline.convert import ConvertOptions, convert
+from pipeline.reader import BetonDataset
+from pipeline.sources import folder
+from trainer.cli import main
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pbench")
+    raw = shapes.generate(root / "raw", shapes.ShapesSpec(seed=4, train_size=40, zeroshot_per_class=1), progress=False)
+    options = ConvertOptions(max_side=64, captions_per_image=4, workers=1)
+    convert(folder.iter_samples(raw / "train"), root / "beton", source="folder", options=options, progress=False)
+    return root / "beton"
+
+
+def test_reference_dataset_gives_the_batch_contract(data: Path) -> None:
+    ds = BetonDataset(data)
+    cfg = AugmentConfig(image_size=32)
+    item = ReferenceDataset(ds, ("aug2", "image", "aug1"), cfg)[5]
+    assert set(item) == {"image", "aug1", "aug2", "text", "index"}
+    for view in ("image", "aug1", "aug2"):
+        assert item[view].shape == (3, 32, 32) and item[view].dtype == torch.float32
+    assert torch.equal(item["text"], torch.from_numpy(ds.tokens(5)[0].astype(np.int64))) and int(item["index"]) == 5
+    batch = next(iter(reference_loader(ds, ("image",), cfg, batch_size=8, workers=0)))
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["text"].shape == (8, 77)
+
+
+def test_profile_pipeline_reports_both_sides(data: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    assert main(["profile", "pipeline", "--data", str(data), "--batch-size", "8", "--image-size", "32",
+                 "--steps", "2", "--workers", "1", "--json"]) == 0  # fmt: skip
+    r = json.loads(capsys.readouterr().out)
+    assert r["slipstream"]["samples_per_s"] > 0 and r["baseline"]["samples_per_s"] > 0
+    # The ratio is slipstream over the baseline, not the inverse.
+    assert r["ratio"] == pytest.approx(r["slipstream"]["samples_per_s"] / r["baseline"]["samples_per_s"])
+    assert r["views"] == ["image", "aug1", "aug2"] and r["workers"] == 1
