@@ -23,6 +23,3 @@ class JsonlLogger:
             self._file.close()
             self._file = None
 
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -46,9 +46,10 @@ def join_under(root: Path, relative: str) -> str | None:
     return str(root / rel)
 
 
-def usable(sample: Sample | None, uid: str) -> Sample | Skip:
-    """A sample whose path was refused by `join_under` becomes a malformed annotation."""
-    return Skip(uid, "malformed_annotation") if sample is None or sample.image is None else sample
+def sample_under(root: Path, relative: str, uid: str, captions: list[str]) -> Sample | Skip:
+    """The sample of an image at root/relative; a malformed annotation when `join_under` refuses the path."""
+    path = join_under(root, relative)
+    return Skip(uid, "malformed_annotation") if path is None else Sample(uid, path, captions)
 
 
 def csv_rows(path: Path, reader: Iterator[list[str]]) -> Iterator[list[str]]:

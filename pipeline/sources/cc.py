@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.sources import Sample, Skip, SourceError, join_under, usable
+from pipeline.sources import Sample, Skip, SourceError, join_under, sample_under
 
 NAME = "cc"
 HELP = "Conceptual Captions CC3M/CC12M: an image root and a .npy of dicts or a caption<TAB>path .tsv"
@@ -90,7 +90,7 @@ def _iter_tsv(root: Path, path: Path) -> Iterator[Sample | Skip]:
                 yield Skip(f"{path.name}:{lineno}", "malformed_annotation")
                 continue
             caption, rel = fields
-            yield usable(Sample(rel, join_under(root, rel), [caption]), rel)
+            yield sample_under(root, rel, rel, [caption])
 
 
 def iter_samples(*, root: str | Path, annotations: str | Path) -> Iterator[Sample | Skip]:

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.sources import Sample, Skip, SourceError, join_under, read_json_file, usable
+from pipeline.sources import Sample, Skip, SourceError, read_json_file, sample_under
 
 NAME = "coco"
 HELP = "COCO captions: an image directory and captions_*.json"
@@ -65,4 +65,4 @@ def iter_samples(*, images: str | Path, annotations: str | Path) -> Iterator[Sam
             continue
         # An image without captions is still yielded: the converter counts it as no_caption.
         uid = str(entry["id"])
-        yield usable(Sample(uid, join_under(root, entry["file_name"]), captions[entry["id"]]), uid)
+        yield sample_under(root, entry["file_name"], uid, captions[entry["id"]])

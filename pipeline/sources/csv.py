@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.sources import Sample, Skip, SourceError, csv_rows, join_under, usable
+from pipeline.sources import Sample, Skip, SourceError, csv_rows, sample_under
 
 NAME = "csv"
 HELP = "a CSV/TSV table with a header: image path column (relative to --root) and caption column"
@@ -77,4 +77,4 @@ def iter_samples(
                 # Too few or too many fields means the columns cannot be trusted, not just one value.
                 yield Skip(image.strip() or f"{path.name}:{reader.line_num}", "malformed_annotation")
                 continue
-            yield usable(Sample(image, join_under(root, image), [caption]), image)
+            yield sample_under(root, image, image, [caption])
