@@ -24,3 +24,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def make_shapes_beton():
+    """Builds a small converted shapes dataset under a directory: the common test input."""
+    from pathlib import Path
+
+    from pipeline import shapes
+    from pipeline.convert import ConvertOptions, convert
+    from pipeline.sources import folder
+
+    def make(root: Path, *, seed: int = 0, train_size: int = 32, shard_size: int = 10_000) -> Path:
+        spec = shapes.ShapesSpec(seed=seed, train_size=train_size, zeroshot_per_class=1)
+        raw = shapes.generate(root / "raw", spec, progress=False)
+        options = ConvertOptions(max_side=64, captions_per_image=4, shard_size=shard_size, workers=1)
+        convert(folder.iter_samples(raw / "train"), root / "beton", source="folder", options=options, progress=False)
+        return root / "beton"
+
+    return make

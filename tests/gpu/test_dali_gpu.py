@@ -4,22 +4,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import shapes
 from pipeline.augment import AugmentConfig
-from pipeline.convert import ConvertOptions, convert
 from pipeline.loader import ThreeViewLoader
 from pipeline.reader import BetonDataset
 from pipeline.sampler import EpochSampler
-from pipeline.sources import folder
 
 pytestmark = pytest.mark.gpu
 
 
-def test_gpu_pipeline_batch_contract(tmp_path: Path) -> None:
-    raw = shapes.generate(tmp_path / "raw", shapes.ShapesSpec(train_size=32, zeroshot_per_class=1), progress=False)
-    options = ConvertOptions(max_side=64, captions_per_image=4, workers=1)
-    convert(folder.iter_samples(raw / "train"), tmp_path / "beton", source="folder", options=options, progress=False)
-    dataset = BetonDataset(tmp_path / "beton")
+def test_gpu_pipeline_batch_contract(tmp_path: Path, make_shapes_beton) -> None:
+    dataset = BetonDataset(make_shapes_beton(tmp_path, train_size=32))
     aug = AugmentConfig(image_size=32)
     gpu = ThreeViewLoader(dataset, EpochSampler(len(dataset), 8, seed=0), ("image", "aug1", "aug2"), aug, device="gpu")
     cpu = ThreeViewLoader(dataset, EpochSampler(len(dataset), 8, seed=0), ("image", "aug1", "aug2"), aug, device="cpu")

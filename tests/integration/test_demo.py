@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from pipeline import shapes
-from pipeline.convert import ConvertOptions, convert
-from pipeline.sources import folder
 from trainer.cli import main
 
 SLIP = [sys.executable, "-m", "trainer.cli"]
@@ -61,12 +59,8 @@ def test_bad_override(capsys: pytest.CaptureFixture) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_beton(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("beton")
-    raw = shapes.generate(root / "raw", shapes.ShapesSpec(train_size=16, zeroshot_per_class=1), progress=False)
-    options = ConvertOptions(max_side=64, captions_per_image=4, workers=1)
-    convert(folder.iter_samples(raw / "train"), root / "ok", source="folder", options=options, progress=False)
-    return root / "ok"
+def small_beton(tmp_path_factory: pytest.TempPathFactory, make_shapes_beton) -> Path:
+    return make_shapes_beton(tmp_path_factory.mktemp("beton"), train_size=16)
 
 
 def test_missing_beton(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

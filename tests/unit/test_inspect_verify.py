@@ -5,20 +5,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import shapes
-from pipeline.convert import ConvertOptions, convert
 from pipeline.reader import BetonDataset
-from pipeline.sources import folder
 from pipeline.verify import verify
 from trainer.cli import main
 
 
 @pytest.fixture()
-def dataset(tmp_path: Path) -> Path:
-    raw = shapes.generate(tmp_path / "raw", shapes.ShapesSpec(seed=2, train_size=30, zeroshot_per_class=1), progress=False)
-    options = ConvertOptions(max_side=64, captions_per_image=4, shard_size=16, workers=1)
-    convert(folder.iter_samples(raw / "train"), tmp_path / "beton", source="folder", options=options, progress=False)
-    return tmp_path / "beton"
+def dataset(tmp_path: Path, make_shapes_beton) -> Path:
+    return make_shapes_beton(tmp_path, seed=2, train_size=30, shard_size=16)
 
 
 def test_verify_passes_a_sound_dataset(dataset: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,17 +1,13 @@
 """The sampler and the DALI CPU three-view loader, on a small converted shapes dataset."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline import shapes
 from pipeline.augment import AugmentConfig
-from pipeline.convert import ConvertOptions, convert
 from pipeline.loader import ThreeViewLoader
 from pipeline.reader import BetonDataset
 from pipeline.sampler import EpochSampler
-from pipeline.sources import folder
 
 AUG = AugmentConfig(image_size=32, blur_sigma=(0.02, 0.3))
 MEAN = torch.tensor(AUG.mean)[:, None, None]
@@ -19,12 +15,8 @@ STD = torch.tensor(AUG.std)[:, None, None]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> BetonDataset:
-    root = tmp_path_factory.mktemp("shapes")
-    raw = shapes.generate(root / "raw", shapes.ShapesSpec(seed=5, train_size=48, zeroshot_per_class=1), progress=False)
-    options = ConvertOptions(max_side=64, captions_per_image=4, workers=1)
-    convert(folder.iter_samples(raw / "train"), root / "beton", source="folder", options=options, progress=False)
-    return BetonDataset(root / "beton")
+def dataset(tmp_path_factory: pytest.TempPathFactory, make_shapes_beton) -> BetonDataset:
+    return BetonDataset(make_shapes_beton(tmp_path_factory.mktemp("shapes"), seed=5, train_size=48))
 
 
 def _loader(dataset: BetonDataset, views=("image", "aug1", "aug2"), seed: int = 0, start_step: int = 0, **kw) -> ThreeViewLoader:

@@ -5,22 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import shapes
 from pipeline.augment import AugmentConfig
 from pipeline.baseline import ReferenceDataset, reference_loader
-from pipeline.convert import ConvertOptions, convert
 from pipeline.reader import BetonDataset
-from pipeline.sources import folder
 from trainer.cli import main
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pbench")
-    raw = shapes.generate(root / "raw", shapes.ShapesSpec(seed=4, train_size=40, zeroshot_per_class=1), progress=False)
-    options = ConvertOptions(max_side=64, captions_per_image=4, workers=1)
-    convert(folder.iter_samples(raw / "train"), root / "beton", source="folder", options=options, progress=False)
-    return root / "beton"
+def data(tmp_path_factory: pytest.TempPathFactory, make_shapes_beton) -> Path:
+    return make_shapes_beton(tmp_path_factory.mktemp("pbench"), seed=4, train_size=40)
 
 
 def test_reference_dataset_gives_the_batch_contract(data: Path) -> None:
