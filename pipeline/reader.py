@@ -11,9 +11,22 @@ import os
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 
 from pipeline.ffcv_compat import HeaderType, Reader
 from pipeline.schema import FIELD_NAMES, DatasetError, read_manifest
+
+
+@njit(cache=True, nogil=True)
+def _allocation_sizes(sample_id: np.ndarray, ptr: np.ndarray, size: np.ndarray, wanted_ptr: np.ndarray) -> np.ndarray:
+    """int64 [n]: the size of the allocation starting at wanted_ptr[i] among sample i's rows,
+    -1 where there is none. One pass over FFCV's allocation table (3 rows per sample here)."""
+    out = np.full(len(wanted_ptr), -1, dtype=np.int64)
+    for row in range(len(sample_id)):
+        i = sample_id[row]
+        if i < len(wanted_ptr) and ptr[row] == wanted_ptr[i]:
+            out[i] = size[row]
+    return out
 
 
 class _Shard:
@@ -44,12 +57,15 @@ class _Shard:
         self.path = path
         self.data = np.memmap(path, dtype=np.uint8, mode="r")
         meta = reader.metadata
-        order = np.argsort(table["ptr"])
-        ptrs, sizes = table["ptr"][order], table["size"][order]
         self.image_hw = np.stack([meta["f0"]["height"], meta["f0"]["width"]], axis=1).astype(np.int64)  # (n, 2)
         self.uid = meta["f3"].astype(np.int64)
         self.image_ptr = meta["f0"]["data_ptr"].astype(np.int64)
-        self.image_size = sizes[np.searchsorted(ptrs, meta["f0"]["data_ptr"])].astype(np.int64)
+        self.image_size = _allocation_sizes(
+            table["sample_id"].astype(np.int64), table["ptr"].astype(np.int64), table["size"].astype(np.int64), self.image_ptr
+        )
+        if (self.image_size < 0).any():
+            missing = int(np.flatnonzero(self.image_size < 0)[0])
+            raise DatasetError(f"{path}: sample {missing} has no image allocation (a damaged .beton)")
         self.tokens_ptr = meta["f1"].astype(np.int64)
         self.n_captions = meta["f2"].astype(np.int64)
         self.text_ptr = meta["f4"]["ptr"].astype(np.int64)
@@ -74,6 +90,13 @@ class BetonDataset:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def __reduce__(self) -> tuple:
+        # Pickled (for DALI's source worker processes) as its path, not as its memory maps.
+        return (BetonDataset, (str(self.directory),))
+
+    def shard_path(self, index: int) -> Path:
+        return self._locate(index)[0].path
 
     def _locate(self, index: int) -> tuple[_Shard, int]:
         if not 0 <= index < len(self):

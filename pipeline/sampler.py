@@ -25,6 +25,10 @@ class EpochSampler:
         # across an epoch boundary while the loop still reads the old epoch's last steps.
         self._cache: dict[tuple[str, int], np.ndarray] = {}
 
+    def __getstate__(self) -> dict:
+        # Sent to DALI's source workers: the permutations are cheaper to redraw than to pickle.
+        return {**self.__dict__, "_cache": {}}
+
     def _cached(self, kind: str, epoch: int) -> np.ndarray:
         key = (kind, epoch)
         if key not in self._cache:

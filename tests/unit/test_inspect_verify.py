@@ -70,3 +70,11 @@ def test_interrupted_dataset_is_refused_by_readers(dataset: Path) -> None:
     (dataset / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="interrupted.*--resume"):
         BetonDataset(dataset)
+
+
+def test_a_missing_image_allocation_is_named() -> None:
+    from pipeline.reader import _allocation_sizes
+
+    ids, ptrs, sizes = np.array([0, 0, 1, 1]), np.array([10, 50, 90, 130]), np.array([40, 40, 40, 40])
+    assert list(_allocation_sizes(ids, ptrs, sizes, np.array([50, 90]))) == [40, 40]
+    assert list(_allocation_sizes(ids, ptrs, sizes, np.array([50, 91]))) == [40, -1]  # the reader turns -1 into a DatasetError
