@@ -6,9 +6,15 @@ p=0.8, grayscale p=0.2, Gaussian blur sigma 0.1-2 with p=0.5, horizontal flip; a
 with the ImageNet mean and std. Random choices are DALI conditionals, so an augmentation that
 is not drawn for a sample is not computed for it.
 
-Known difference from torchvision's ColorJitter: DALI's color_twist applies brightness,
-contrast, saturation and hue in one fixed order (torchvision shuffles the order per sample)
-and rotates hue in YIQ rather than HSV. The ranges are the same.
+On `device="cpu"` the crops, colour jitter, grayscale and blur are compiled kernels
+(`pipeline/augment_kernels.py`) run as DALI operators (`pipeline/augment_ops.py`). Given the
+same random draws, the crops and the jitter + grayscale are bit-exact with torchvision's
+transforms on a PIL image as the SLIP reference ran them (its Pillow's resize), and the
+kernels are 2-3x faster on 2 cores than DALI's own CPU operators.
+On `device="gpu"` they are DALI's `random_resized_crop`, `color_twist` and `gaussian_blur`,
+which differ from torchvision in two respects: color_twist applies brightness, contrast,
+saturation and hue in one fixed order and rotates hue in YIQ, and the resize's antialiasing
+filter is DALI's. The ranges and probabilities are the same on both devices.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from typing import Callable
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import Pipeline
+
+from pipeline import augment_ops
 
 VIEWS = ("image", "aug1", "aug2")  # the batch contract's image outputs, in pipeline order
 
@@ -51,6 +59,8 @@ class AugmentConfig:
                 raise ValueError(f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}")
         if any(s <= 0 for s in self.std):
             raise ValueError("augment.std must be positive")
+        if any(x < 0 for x in self.jitter) or self.jitter[3] > 0.5:
+            raise ValueError(f"augment.jitter is (brightness, contrast, saturation, hue), each >= 0 and hue <= 0.5, got {self.jitter}")
 
 
 def normalize(view: DataNode, cfg: AugmentConfig, mirror: DataNode | int = 0, crop: tuple[int, int] | None = None) -> DataNode:
@@ -66,32 +76,80 @@ def normalize(view: DataNode, cfg: AugmentConfig, mirror: DataNode | int = 0, cr
     )
 
 
-def _clip_view(decoded: DataNode, cfg: AugmentConfig) -> DataNode:
-    view = fn.random_resized_crop(
-        decoded, size=[cfg.image_size] * 2, random_area=list(cfg.clip_scale), random_aspect_ratio=list(cfg.ratio)
-    )
-    return normalize(view, cfg)
+def _random_resized_crop(decoded: DataNode, cfg: AugmentConfig, scale: tuple[float, float], device: str) -> DataNode:
+    if device == "gpu":
+        return fn.random_resized_crop(
+            decoded, size=[cfg.image_size] * 2, random_area=list(scale), random_aspect_ratio=list(cfg.ratio)
+        )
+    # torchvision's window sampler and PIL's bilinear resize, as the SLIP reference crops.
+    ranges = fn.constant(fdata=[*scale, *cfg.ratio], shape=[4], dtype=types.FLOAT)
+    params = fn.cat(fn.random.uniform(range=[0, 1], shape=[40]), ranges)  # (44,) per sample
+    return augment_ops.random_resized_crop(decoded, params, cfg.image_size)
 
 
-def _ssl_view(decoded: DataNode, cfg: AugmentConfig) -> DataNode:
-    view = fn.random_resized_crop(
-        decoded, size=[cfg.image_size] * 2, random_area=list(cfg.ssl_scale), random_aspect_ratio=list(cfg.ratio)
-    )
+def _clip_view(decoded: DataNode, cfg: AugmentConfig, device: str) -> DataNode:
+    return normalize(_random_resized_crop(decoded, cfg, cfg.clip_scale, device), cfg)
+
+
+def _uniform(lo: float, hi: float) -> DataNode:
+    if lo == hi:  # DALI rejects an empty range; a pinned value is a constant
+        return fn.constant(fdata=[lo], shape=[1], dtype=types.FLOAT)
+    return fn.random.uniform(range=[lo, hi], shape=[1])  # (1,) per sample
+
+
+def _jitter_ranges(cfg: AugmentConfig) -> list[tuple[float, float]]:
+    """torchvision's ColorJitter factor ranges: brightness, contrast, saturation, hue."""
     brightness, contrast, saturation, hue = cfg.jitter
+    return [(max(0.0, 1 - x), 1 + x) for x in (brightness, contrast, saturation)] + [(-hue, hue)]
+
+
+def _factor(lo: float, hi: float) -> DataNode | float:
+    return lo if lo == hi else fn.random.uniform(range=[lo, hi])
+
+
+def _flag(coin: DataNode) -> DataNode:
+    return fn.reshape(fn.cast(coin, dtype=types.FLOAT), shape=[1])
+
+
+def _ssl_colour_cpu(view: DataNode, cfg: AugmentConfig) -> DataNode:
+    jitter = fn.random.coin_flip(probability=cfg.jitter_p)
+    gray = fn.random.coin_flip(probability=cfg.grayscale_p)
+    if jitter | gray:
+        # The order is the argsort of iid keys in [0, 1). As torchvision does, an adjustment
+        # whose jitter is 0 is not applied at all (hue by 0 would still round-trip HSV): its
+        # key is 1, which the kernel skips.
+        keys = [_uniform(0.0, 1.0) if x > 0 else _uniform(1.0, 1.0) for x in cfg.jitter]
+        params = fn.cat(  # (10,) per sample
+            *(_uniform(lo, hi) for lo, hi in _jitter_ranges(cfg)), *keys, _flag(jitter), _flag(gray)
+        )
+        view = augment_ops.color_jitter(view, params)
+    if fn.random.coin_flip(probability=cfg.blur_p):
+        view = augment_ops.gaussian_blur(view, _uniform(*cfg.blur_sigma))
+    return view
+
+
+def _ssl_colour_gpu(view: DataNode, cfg: AugmentConfig) -> DataNode:
+    (b_lo, b_hi), (c_lo, c_hi), (s_lo, s_hi), (h_lo, h_hi) = _jitter_ranges(cfg)
     if fn.random.coin_flip(probability=cfg.jitter_p):
         # torchvision's hue factor is a fraction of the colour wheel; DALI's is in degrees.
         view = fn.color_twist(
             view,
-            brightness=fn.random.uniform(range=[1 - brightness, 1 + brightness]),
-            contrast=fn.random.uniform(range=[1 - contrast, 1 + contrast]),
-            saturation=fn.random.uniform(range=[1 - saturation, 1 + saturation]),
-            hue=fn.random.uniform(range=[-360 * hue, 360 * hue]),
+            brightness=_factor(b_lo, b_hi),
+            contrast=_factor(c_lo, c_hi),
+            saturation=_factor(s_lo, s_hi),
+            hue=_factor(360 * h_lo, 360 * h_hi),
         )
     if fn.random.coin_flip(probability=cfg.grayscale_p):
         # Zero saturation keeps the luma (0.299 R + 0.587 G + 0.114 B) in all three channels.
         view = fn.color_twist(view, saturation=0.0)
     if fn.random.coin_flip(probability=cfg.blur_p):
-        view = fn.gaussian_blur(view, sigma=fn.random.uniform(range=list(cfg.blur_sigma)))
+        view = fn.gaussian_blur(view, sigma=_factor(*cfg.blur_sigma))
+    return view
+
+
+def _ssl_view(decoded: DataNode, cfg: AugmentConfig, device: str) -> DataNode:
+    view = _random_resized_crop(decoded, cfg, cfg.ssl_scale, device)
+    view = _ssl_colour_gpu(view, cfg) if device == "gpu" else _ssl_colour_cpu(view, cfg)
     return normalize(view, cfg, mirror=fn.random.coin_flip(probability=cfg.flip_p))
 
 
@@ -106,11 +164,14 @@ def three_view_pipeline(
     device_id: int = 0,
     seed: int = 0,
     prefetch: int = 2,
+    source_workers: int = 0,
 ) -> Pipeline:
     """A built pipeline whose outputs are (index, *views) for the views asked for.
 
-    `source(batch_info)` returns (list of encoded JPEG arrays, list of int64 [1] indices);
-    the index rides through DALI so that host-side fields stay aligned with prefetching.
+    `source(batch_info)` returns (list of encoded JPEG arrays, int64 [b, 1] indices); the
+    index rides through DALI so that host-side fields stay aligned with prefetching. With
+    `source_workers` > 0 it runs in that many spawned processes (DALI's parallel external
+    source), which then read ahead of the decoder; it must be picklable.
     """
     unknown = set(views) - set(VIEWS)
     if unknown or not views:
@@ -120,12 +181,14 @@ def three_view_pipeline(
 
     @pipeline_def(enable_conditionals=True)
     def graph():
-        jpegs, index = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
+        parallel = {"parallel": True, "prefetch_queue_depth": max(prefetch, source_workers)} if source_workers else {}
+        # Each worker prepares whole batches; the queue depth is what lets several work at once.
+        jpegs, index = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, **parallel)
         decoded = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
         built = {
-            "image": (lambda: _clip_view(decoded, cfg)),
-            "aug1": (lambda: _ssl_view(decoded, cfg)),
-            "aug2": (lambda: _ssl_view(decoded, cfg)),
+            "image": (lambda: _clip_view(decoded, cfg, device)),
+            "aug1": (lambda: _ssl_view(decoded, cfg, device)),
+            "aug2": (lambda: _ssl_view(decoded, cfg, device)),
         }
         return (index, *(built[v]() for v in VIEWS if v in views))
 
@@ -135,6 +198,11 @@ def three_view_pipeline(
         device_id=device_id if device == "gpu" else None,  # each rank decodes on its own GPU
         seed=seed,
         prefetch_queue_depth=prefetch,
+        # The dynamic executor never reuses an output buffer that something still references,
+        # so the loader can hand DALI's memory to torch without a copy.
+        exec_dynamic=True,
+        # Spawned, not forked: the parent may hold CUDA, DALI and torch threads by now.
+        **({"py_num_workers": source_workers, "py_start_method": "spawn"} if source_workers > 0 else {}),
     )
     pipe.build()
     return pipe

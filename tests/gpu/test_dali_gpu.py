@@ -22,3 +22,38 @@ def test_gpu_pipeline_batch_contract(tmp_path: Path, make_shapes_beton) -> None:
         assert g[view].is_cuda and g[view].shape == (8, 3, 32, 32) and g[view].dtype == torch.float32
     assert g["text"].is_cuda and torch.equal(g["text"].cpu(), c["text"])
     assert torch.equal(g["index"].cpu(), c["index"])
+
+
+@pytest.mark.parametrize(("views", "text"), [(("image",), True), (("aug1", "aug2"), False), (("image", "aug1", "aug2"), True)])
+def test_gpu_objective_decides_the_outputs(tmp_path: Path, make_shapes_beton, views: tuple, text: bool) -> None:
+    dataset = BetonDataset(make_shapes_beton(tmp_path, train_size=32))
+    loader = ThreeViewLoader(dataset, EpochSampler(len(dataset), 8, seed=0), views, AugmentConfig(image_size=32), text=text, device="gpu")
+    batch = next(loader)
+    assert set(batch) == {*views, "index", *(("text",) if text else ())}
+    first = {k: v.clone() for k, v in batch.items()}
+    for _ in range(3):  # DALI's device buffers are handed over without a copy and must not be reused
+        next(loader)
+    assert all(torch.equal(batch[k], first[k]) for k in batch)
+
+
+def _gray_frequency(dataset: BetonDataset, grayscale_p: float) -> float:
+    aug = AugmentConfig(image_size=32, jitter_p=0.0, blur_p=0.0, flip_p=0.0, grayscale_p=grayscale_p)
+    loader = ThreeViewLoader(dataset, EpochSampler(len(dataset), 128, seed=0), ("aug1", "aug2"), aug, text=False, device="gpu")
+    mean, std = torch.tensor(aug.mean, device="cuda")[:, None, None], torch.tensor(aug.std, device="cuda")[:, None, None]
+    gray = []
+    for _ in range(8):
+        batch = next(loader)
+        for view in ("aug1", "aug2"):
+            pixels = batch[view] * std + mean  # (b, 3, S, S)
+            spread = torch.maximum((pixels[:, 0] - pixels[:, 1]).abs(), (pixels[:, 1] - pixels[:, 2]).abs())
+            gray.append((spread.amax(dim=(1, 2)) < 2 / 255).float())
+    return torch.cat(gray).mean().item()  # over 2048 views
+
+
+def test_gpu_grayscale_frequency(tmp_path: Path, make_shapes_beton) -> None:
+    # A coarse check of the GPU graph's draws (the CPU graph has the full statistical tests).
+    # Some crops are grey already (a grey shape on a grey background), so measure them first.
+    dataset = BetonDataset(make_shapes_beton(tmp_path, train_size=256))
+    already = _gray_frequency(dataset, 0.0)
+    expected = already + (1 - already) * 0.2
+    assert abs(_gray_frequency(dataset, 0.2) - expected) < 4.5 * (expected * (1 - expected) / 2048) ** 0.5 + 0.01
