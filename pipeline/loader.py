@@ -2,19 +2,64 @@
 
 Each `next()` returns the batch contract of DESIGN.md for one global step on this rank:
 `image`/`aug1`/`aug2` float32 [b, 3, S, S] (those the objective asks for), `text` int64
-[b, 77] (one caption per sample, drawn per epoch), `index` int64 [b].
+[b, 77] (one caption per sample, drawn per epoch), `index` int64 [b]. The views are DALI's
+own output buffers, handed to torch through DLPack without a copy.
+
+A corrupt sample does not stop training. Every sample's stored JPEG passes a structural
+check (`jpeg_check.py`) before DALI sees it; one that fails is replaced by the next readable
+sample of the dataset (so the batch keeps its size and the run its determinism), counted in
+`replaced`, and logged once. The stand-in may already be in the batch: one duplicate
+(a false negative for the contrastive loss) per corrupt sample, which is rare enough not to
+matter. Bytes that pass the check but still make DALI's decoder fail are found by decoding
+the batches in flight one by one with the same decoder, marked, and the pipeline is rebuilt
+at the same step.
+
+DALI's random draws are seeded from (seed, the step the pipeline starts at): a run resumed
+at step k draws afresh rather than repeating the draws of step 0.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import numpy as np
 import torch
-from nvidia.dali.types import BatchInfo
+from nvidia.dali import fn, pipeline_def
+from nvidia.dali.pipeline import Pipeline
 
 from pipeline.augment import VIEWS, AugmentConfig, three_view_pipeline
+from pipeline.batch_source import REASON_NAMES, UNDECODABLE, BatchSource
+from pipeline.jpeg_check import OK
 from pipeline.reader import BetonDataset
 from pipeline.sampler import EpochSampler
+
+log = logging.getLogger("slipstream.loader")
+
+
+@pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+def _decode_one():
+    return fn.decoders.image(fn.external_source(name="jpeg"), device="cpu")
+
+
+def dali_decodes(jpegs: list[np.ndarray]) -> list[bool]:
+    """Whether DALI's CPU decoder accepts each JPEG. One at a time: an error ends a pipeline."""
+    results, pipe = [], None
+    for data in jpegs:
+        if pipe is None:
+            pipe = _decode_one()
+            pipe.build()
+        pipe.feed_input("jpeg", [data])
+        try:
+            pipe.run()
+            results.append(True)
+        except RuntimeError:
+            results.append(False)
+            pipe = None
+    return results
+
+
+def pipeline_seed(seed: int, start_step: int) -> int:
+    return int(np.random.SeedSequence([seed, start_step]).generate_state(1)[0] >> 1)  # DALI wants a non-negative int32
 
 
 class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
@@ -30,30 +75,41 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         device_id: int = 0,
         threads: int = 2,
         prefetch: int = 2,
+        source_workers: int = 0,
         seed: int = 0,
         start_step: int = 0,
     ) -> None:
         self.dataset, self.sampler, self.text = dataset, sampler, text
         self.views = tuple(v for v in VIEWS if v in views)  # the graph emits them in VIEWS order
-        self.start_step = start_step
-        self.step = start_step  # the global step of the next batch handed out
+        self.augment, self.threads, self.prefetch, self.source_workers, self.seed = augment, threads, prefetch, source_workers, seed
+        self.device_name, self.device_id = device, device_id
         self.device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
-        self.pipe = three_view_pipeline(
-            self._source,
+        self.step = start_step  # the global step of the next batch handed out
+        self.replaced = 0  # sample slots filled by a stand-in, over the run so far
+        # This process's record of unreadable samples; source workers get a pickled copy.
+        self.source = BatchSource(dataset, sampler, start_step)
+        self._logged: set[int] = set()
+        self.pipe = self._build(start_step)
+
+    def _build(self, start_step: int) -> Pipeline:
+        self.source.start_step = start_step
+        return three_view_pipeline(
+            self.source,
             self.views,
-            augment,
-            batch_size=sampler.local_batch,
-            num_threads=threads,
-            device=device,
-            device_id=device_id,
-            seed=seed,
-            prefetch=prefetch,
+            self.augment,
+            batch_size=self.sampler.local_batch,
+            num_threads=self.threads,
+            device=self.device_name,
+            device_id=self.device_id,
+            seed=pipeline_seed(self.seed, start_step),
+            prefetch=self.prefetch,
+            source_workers=self.source_workers,
         )
 
-    def _source(self, info: BatchInfo) -> tuple[list[np.ndarray], np.ndarray]:
-        # DALI calls this ahead of time (prefetch); the step comes from its iteration count.
-        indices = self.sampler.indices(self.start_step + info.iteration)
-        return [self.dataset.jpeg(int(i)) for i in indices], indices.reshape(-1, 1)
+    @property
+    def corrupt(self) -> dict[int, str]:
+        """Every sample found unreadable so far, with the reason."""
+        return self.source.unreadable
 
     def _tokens(self, step: int, indices: np.ndarray) -> torch.Tensor:
         choice = self.sampler.caption_choice(step, indices, self.dataset.n_captions)
@@ -61,16 +117,45 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         return torch.from_numpy(np.stack(rows).astype(np.int64))  # (b, 77)
 
     def _to_torch(self, output) -> torch.Tensor:
-        # DALI reuses its output buffers on the next run, so the batch gets memory of its own.
+        # Zero-copy: the tensor holds DALI's buffer, which the dynamic executor does not reuse
+        # while it is referenced. Only a CPU pipeline feeding a GPU trainer copies (to the GPU).
         tensor = torch.from_dlpack(output.as_tensor())
-        return tensor.clone() if tensor.device == self.device else tensor.to(self.device)
+        return tensor if tensor.device == self.device else tensor.to(self.device, non_blocking=True)
+
+    def _run(self) -> tuple:
+        while True:
+            try:
+                return self.pipe.run()
+            except RuntimeError:
+                # DALI does not say which sample failed: decode every one it may have been at.
+                in_flight = range(self.step, self.step + self.prefetch + 1)
+                suspects = sorted({int(i) for step in in_flight for i in self.source.indices(step)})
+                found = [i for i, ok in zip(suspects, dali_decodes([self.dataset.jpeg(i) for i in suspects])) if not ok]
+                if not found:
+                    raise
+            self.source.mark(found, UNDECODABLE)
+            self.pipe = None  # release the failed pipeline (and its workers) before the next
+            self.pipe = self._build(self.step)
+
+    def _check_and_note(self, indices: np.ndarray) -> None:
+        # A slot differs from the sampler's only where a stand-in replaced an unreadable sample.
+        raw = self.sampler.indices(self.step)
+        for original, used in zip(raw[raw != indices], indices[raw != indices]):
+            original, used = int(original), int(used)
+            if self.source.verdict(original) == OK or self.source.replacement(original) != used:
+                raise RuntimeError(f"loader out of step at global step {self.step}: DALI returned another batch")
+            self.replaced += 1
+            if original not in self._logged:
+                self._logged.add(original)
+                reason = REASON_NAMES[self.source.verdict(original)]
+                log.warning(
+                    "%s: sample %d is corrupt (%s); replaced by sample %d", self.dataset.shard_path(original), original, reason, used
+                )
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        index_out, *view_outs = self.pipe.run()
+        index_out, *view_outs = self._run()
         indices = np.asarray(index_out.as_cpu().as_tensor()).reshape(-1).astype(np.int64)  # (b,)
-        expected = self.sampler.indices(self.step)
-        if not np.array_equal(indices, expected):
-            raise RuntimeError(f"loader out of step at global step {self.step}: DALI returned another batch")
+        self._check_and_note(indices)
         batch = {name: self._to_torch(out) for name, out in zip(self.views, view_outs)}
         if self.text:
             batch["text"] = self._tokens(self.step, indices).to(self.device)

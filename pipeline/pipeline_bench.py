@@ -38,6 +38,7 @@ def compare_pipelines(
     image_size: int = 224,
     views: tuple[str, ...] = ("image", "aug1", "aug2"),
     workers: int = 0,
+    source_workers: int = 0,
     warmup: int = 3,
     steps: int = 10,
 ) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def compare_pipelines(
     dataset = BetonDataset(data)
     cfg = AugmentConfig(image_size=image_size)
     sampler = EpochSampler(len(dataset), batch_size, seed=0)
-    ours = ThreeViewLoader(dataset, sampler, views, cfg, device=device, threads=workers, seed=0)
+    ours = ThreeViewLoader(dataset, sampler, views, cfg, device=device, threads=workers, source_workers=source_workers, seed=0)
     slip_rate = _rate(ours, batch_size, warmup, steps)
     del ours
     baseline = reference_loader(dataset, views, cfg, batch_size=batch_size, workers=workers)
@@ -57,6 +58,7 @@ def compare_pipelines(
         "image_size": image_size,
         "views": list(views),
         "workers": workers,
+        "source_workers": source_workers,
         "slipstream": {"samples_per_s": slip_rate},
         "baseline": {"samples_per_s": base_rate},
         "ratio": slip_rate / base_rate,

@@ -123,12 +123,13 @@ def _cmd_profile_pipeline(args: argparse.Namespace) -> int:
 
     r = compare_pipelines(
         args.data, device=args.device, batch_size=args.batch_size, image_size=args.image_size,
-        workers=args.workers, steps=args.steps,
+        workers=args.workers, source_workers=args.source_workers, steps=args.steps,
     )  # fmt: skip
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{args.data}: batches of {r['batch_size']} x 3 views of {r['image_size']} px, {r['workers']} workers, {r['device']}")
+    print(f"{args.data}: batches of {r['batch_size']} x 3 views of {r['image_size']} px, {r['workers']} workers, "
+          f"{r['source_workers']} source workers, {r['device']}")  # fmt: skip
     print(f"  baseline (PIL + torchvision, DataLoader)  {r['baseline']['samples_per_s']:8.1f} samples/s")
     print(f"  slipstream (DALI {r['device']})             {r['slipstream']['samples_per_s']:8.1f} samples/s  {r['ratio']:.2f}x")
     return 0
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppipe.add_argument("--batch-size", type=int, default=64)
     ppipe.add_argument("--image-size", type=int, default=224)
     ppipe.add_argument("--workers", type=int, default=0, help="CPU threads/workers for both (default: every core)")
+    ppipe.add_argument("--source-workers", type=int, default=0, help="processes reading JPEG bytes for DALI (default 0)")
     ppipe.add_argument("--steps", type=int, default=10, help="measured batches (after 3 warm-up ones)")
     ppipe.add_argument("--json", action="store_true", help="print the figures as JSON")
     ppipe.set_defaults(func=_cmd_profile_pipeline)

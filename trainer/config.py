@@ -42,11 +42,13 @@ class DataConfig:
     batch_size: int = 4096  # global batch, over all ranks
     threads: int = 2  # DALI CPU threads per rank
     prefetch: int = 2  # batches DALI prepares ahead
+    source_workers: int = 0  # processes reading JPEG bytes ahead for DALI (parallel external source); 0: in the trainer
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "data.batch_size must be positive")
         _require(self.threads > 0, "data.threads must be positive")
         _require(self.prefetch > 0, "data.prefetch must be positive")
+        _require(self.source_workers >= 0, "data.source_workers must be 0 or more")
 
 
 @dataclass

@@ -83,6 +83,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
         device_id=dist.local_rank,
         threads=cfg.data.threads,
         prefetch=cfg.data.prefetch,
+        source_workers=cfg.data.source_workers,
         seed=cfg.run.seed * 1000 + dist.rank,
     )
     # Everything is built: only now does the run directory get its files.
@@ -112,6 +113,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
             bar.set_postfix(loss=f"{last['loss']:.3f}", samples_s=f"{samples_per_s:.0f}")
             record: dict[str, Any] = {"step": step, "epoch": step / plan.steps_per_epoch, "lr": lr, **last}
             record.update(samples_per_s=samples_per_s, data_ms=1e3 * (t1 - t0), step_ms=1e3 * (t2 - t0))
+            record["replaced_samples"] = loader.replaced  # corrupt samples replaced on rank 0 so far
             logger.write(record)
     bar.close()
     logger.close()

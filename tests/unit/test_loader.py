@@ -1,5 +1,8 @@
 """The sampler and the DALI CPU three-view loader, on a small converted shapes dataset."""
 
+import shutil
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ from pipeline.augment import AugmentConfig
 from pipeline.loader import ThreeViewLoader
 from pipeline.reader import BetonDataset
 from pipeline.sampler import EpochSampler
+from pipeline.schema import DatasetError
 
 AUG = AugmentConfig(image_size=32, blur_sigma=(0.02, 0.3))
 MEAN = torch.tensor(AUG.mean)[:, None, None]
@@ -103,3 +107,121 @@ def test_sampler_rejects_impossible_batches() -> None:
         EpochSampler(100, 10, seed=0, world=3)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         EpochSampler(5, 10, seed=0)
+
+
+def _damaged_copy(dataset: BetonDataset, dest, damage: dict[int, Callable[[np.ndarray], np.ndarray]]) -> BetonDataset:
+    """A copy of the dataset whose listed samples' stored JPEG bytes are rewritten in place."""
+    shutil.copytree(dataset.directory, dest)
+    for index, rewrite in damage.items():
+        shard, i = dataset._locate(index)
+        start, size = int(shard.image_ptr[i]), int(shard.image_size[i])
+        with open(dest / shard.path.name, "r+b") as f:
+            f.seek(start)
+            data = np.frombuffer(f.read(size), dtype=np.uint8).copy()
+            f.seek(start)
+            f.write(rewrite(data).tobytes())
+    return BetonDataset(dest)
+
+
+def _zero_header(data: np.ndarray) -> np.ndarray:
+    data[:4] = 0
+    return data
+
+
+def _truncate(data: np.ndarray) -> np.ndarray:
+    data[len(data) // 2 :] = 0  # the file keeps its length, the JPEG loses its second half
+    return data
+
+
+def _bogus_huffman_table(data: np.ndarray) -> np.ndarray:
+    # Structurally sound (markers, sizes, EOI) but the decoder rejects the table.
+    pos = 2
+    while data[pos + 1] != 0xC4:
+        pos += 2 + ((int(data[pos + 2]) << 8) | int(data[pos + 3]))
+    length = (int(data[pos + 2]) << 8) | int(data[pos + 3])
+    data[pos + 4 : pos + 2 + length] = 0xEE
+    return data
+
+
+def test_corrupt_samples_are_replaced_counted_and_logged(dataset: BetonDataset, tmp_path, caplog) -> None:
+    damaged = _damaged_copy(dataset, tmp_path / "damaged", {3: _zero_header, 17: _truncate})
+    sampler = EpochSampler(len(damaged), 8, seed=11)
+    clean = ThreeViewLoader(dataset, sampler, ("image",), AUG, seed=0, threads=2)
+    loader = ThreeViewLoader(damaged, sampler, ("image",), AUG, seed=0, threads=2)
+    with caplog.at_level("WARNING", logger="slipstream.loader"):
+        seen_clean = np.concatenate([next(clean)["index"].numpy() for _ in range(2 * sampler.steps_per_epoch)])
+        batches = [next(loader) for _ in range(2 * sampler.steps_per_epoch)]
+    seen = np.concatenate([b["index"].numpy() for b in batches])
+    assert 3 not in seen and 17 not in seen
+    swapped = seen != seen_clean
+    assert set(seen_clean[swapped]) == {3, 17} & set(seen_clean)
+    assert np.array_equal(seen[swapped], seen_clean[swapped] + 1)  # the next readable sample: 4 and 18
+    assert loader.replaced == int(swapped.sum()) > 0
+    assert loader.corrupt == {3: "not_jpeg", 17: "truncated"}
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("sample 3 is corrupt (not_jpeg)" in m for m in messages) == 1  # logged once, not per epoch
+    assert any("sample 17 is corrupt (truncated)" in m and "shard-00000.beton" in m for m in messages)
+    for b in batches:  # the batch keeps its contract
+        assert b["image"].shape == (8, 3, 32, 32) and torch.isfinite(b["image"]).all()
+        assert b["text"].shape == (8, 77)
+
+
+def test_undecodable_sample_is_found_and_the_pipeline_rebuilt(dataset: BetonDataset, tmp_path) -> None:
+    sampler = EpochSampler(len(dataset), 8, seed=11)
+    victim = int(sampler.indices(2)[5])  # read at step 2, while earlier batches are fine
+    damaged = _damaged_copy(dataset, tmp_path / "damaged", {victim: _bogus_huffman_table})
+    loader = ThreeViewLoader(damaged, sampler, ("image", "aug1"), AUG, seed=0, threads=2)
+    batches = [next(loader) for _ in range(sampler.steps_per_epoch)]
+    seen = np.concatenate([b["index"].numpy() for b in batches])
+    assert victim not in seen
+    assert loader.corrupt == {victim: "undecodable"}
+    assert loader.replaced == 1
+    assert [int(b["index"][0]) for b in batches] == [int(sampler.indices(s)[0]) for s in range(len(batches))]
+
+
+def test_batches_stay_valid_after_later_batches(dataset: BetonDataset) -> None:
+    # The views are DALI's buffers, not copies: they must not be reused while held.
+    loader = _loader(dataset)
+    first = next(loader)
+    kept = {k: v.clone() for k, v in first.items()}
+    later = [next(loader) for _ in range(5)]
+    for k in kept:
+        assert torch.equal(first[k], kept[k])
+    pointers = {b["aug1"].data_ptr() for b in [first, *later]}
+    assert len(pointers) == 6
+
+
+def test_a_corrupt_stand_in_is_skipped_too(dataset: BetonDataset, tmp_path) -> None:
+    damaged = _damaged_copy(dataset, tmp_path / "damaged", {3: _zero_header, 4: _truncate})
+    loader = _loader(damaged)
+    seen = np.concatenate([next(loader)["index"].numpy() for _ in range(2 * loader.sampler.steps_per_epoch)])
+    assert 3 not in seen and 4 not in seen
+    assert loader.source.replacement(3) == 5 and loader.source.replacement(4) == 5
+    assert loader.corrupt == {3: "not_jpeg", 4: "truncated"}
+
+
+def test_a_dataset_without_a_readable_sample_is_an_error(dataset: BetonDataset, tmp_path) -> None:
+    damaged = _damaged_copy(dataset, tmp_path / "damaged", {i: _zero_header for i in range(len(dataset))})
+    with pytest.raises(DatasetError, match="no sample has a readable JPEG"):
+        next(_loader(damaged))
+
+
+def test_views_are_dalis_buffers_not_copies(dataset: BetonDataset) -> None:
+    loader = _loader(dataset)
+    outputs = loader.pipe.run()
+    view = outputs[1].as_tensor()
+    assert loader._to_torch(outputs[1]).data_ptr() == view.data_ptr()
+
+
+@pytest.mark.slow
+def test_parallel_source_gives_the_same_batches(dataset: BetonDataset, tmp_path) -> None:
+    # Spawned reader processes, corrupt samples included: the batches are those read in-process.
+    damaged = _damaged_copy(dataset, tmp_path / "damaged", {3: _zero_header, 17: _truncate})
+    inline = _loader(damaged, seed=4, start_step=3)
+    parallel = _loader(damaged, seed=4, start_step=3, source_workers=2)
+    for _ in range(2 * inline.sampler.steps_per_epoch):
+        a, b = next(inline), next(parallel)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert parallel.replaced == inline.replaced > 0 and parallel.corrupt == inline.corrupt

@@ -32,9 +32,9 @@ def test_profile_pipeline_reports_both_sides(data: Path, capsys: pytest.CaptureF
     import json
 
     assert main(["profile", "pipeline", "--data", str(data), "--batch-size", "8", "--image-size", "32",
-                 "--steps", "2", "--workers", "1", "--json"]) == 0  # fmt: skip
+                 "--steps", "2", "--workers", "1", "--source-workers", "1", "--json"]) == 0  # fmt: skip
     r = json.loads(capsys.readouterr().out)
     assert r["slipstream"]["samples_per_s"] > 0 and r["baseline"]["samples_per_s"] > 0
     # The ratio is slipstream over the baseline, not the inverse.
     assert r["ratio"] == pytest.approx(r["slipstream"]["samples_per_s"] / r["baseline"]["samples_per_s"])
-    assert r["views"] == ["image", "aug1", "aug2"] and r["workers"] == 1
+    assert r["views"] == ["image", "aug1", "aug2"] and r["workers"] == 1 and r["source_workers"] == 1
