@@ -68,7 +68,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    backend: str = "reference"  # a name in kernels.contrastive.BACKENDS
+    backend: str = "chunked"  # a name in kernels.contrastive.BACKENDS: chunked (tiled) or reference (the oracle)
     ssl_scale: float = 1.0
     ssl_temp: float = 0.1
 

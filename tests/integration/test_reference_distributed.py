@@ -1,7 +1,8 @@
-"""The distributed reference loss equals the single-process global-batch loss.
+"""The distributed losses equal the single-process global-batch loss of the reference.
 
 W gloo processes each hold a disjoint slice of one random float64 batch, compute
-slip_loss with the WORLD group and backward; the parent compares with slip_loss on the
+slip_loss with the WORLD group and backward, with every backend (the `chunked` one on
+tiles smaller than the batch); the parent compares with the reference slip_loss on the
 whole batch in one process. What must hold, given that the engine averages gradients
 over ranks afterwards:
   - mean over ranks of each loss part == the global part;
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kernels import collectives, contrastive
+from kernels import chunked, collectives, contrastive
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -29,12 +30,13 @@ PARTS = ("loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc")
 JOIN_TIMEOUT_S = 120.0
 
 
-def _slip(batch: dict[str, torch.Tensor], group) -> tuple[dict, dict]:
+def _slip(batch: dict[str, torch.Tensor], group, backend: str = "reference") -> tuple[dict, dict]:
     """Loss parts and gradients of slip_loss on `batch` (fresh leaves)."""
+    chunked.ROWS, chunked.COLS = 2, 5  # several tiles even on these small batches
     leaves = {k: v.clone().requires_grad_(True) for k, v in batch.items()}
     out = contrastive.slip_loss(
         leaves["image"], leaves["text"], leaves["logit_scale"], leaves["aug1"], leaves["aug2"],
-        group=group, **KW,
+        group=group, backend=backend, **KW,
     )
     out["loss"].backward()
     return {k: out[k].detach() for k in PARTS}, {k: v.grad for k, v in leaves.items()}
@@ -64,11 +66,14 @@ def _worker(rank: int, world: int, tmp: str, mode: str) -> None:
         full = torch.load(tmp_dir / "batch.pt")
         rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
         local = {k: (v if k == "logit_scale" else v[rows]) for k, v in full.items()}
-        parts, grads = _slip(local, dist.group.WORLD)
+        results = {}
+        for backend in contrastive.BACKENDS:
+            results[backend] = dict(zip(("parts", "grads"), _slip(local, dist.group.WORLD, backend)))
         # Same step through the all_reduce + slice path for backends without reduce-scatter.
         collectives._reduce_scatter = _no_reduce_scatter
-        _, fallback_grads = _slip(local, dist.group.WORLD)
-        torch.save({"parts": parts, "grads": grads, "fallback": fallback_grads}, tmp_dir / f"rank_{rank}.pt")
+        for backend in contrastive.BACKENDS:
+            results[backend]["fallback"] = _slip(local, dist.group.WORLD, backend)[1]
+        torch.save(results, tmp_dir / f"rank_{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -99,20 +104,22 @@ def test_slip_matches_global_batch(world: int, tmp_path: Path):
     torch.save(batch, tmp_path / "batch.pt")
     _spawn(world, tmp_path, "exact")
     want_parts, want_grads = _slip(batch, group=None)
-    ranks = [torch.load(tmp_path / f"rank_{r}.pt") for r in range(world)]
+    results = [torch.load(tmp_path / f"rank_{r}.pt") for r in range(world)]
 
-    for k in PARTS:
-        mean = torch.stack([r["parts"][k] for r in ranks]).mean()
-        torch.testing.assert_close(mean, want_parts[k], rtol=1e-12, atol=1e-12, msg=k)
-    for key in ("grads", "fallback"):
-        for r, res in enumerate(ranks):
-            rows = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
-            for k in NAMES:
-                torch.testing.assert_close(
-                    res[key][k] / world, want_grads[k][rows], rtol=1e-10, atol=1e-12, msg=f"{key} {k} rank {r}"
-                )
-        scale_grad = torch.stack([res[key]["logit_scale"] for res in ranks]).mean(0)
-        torch.testing.assert_close(scale_grad, want_grads["logit_scale"], rtol=1e-10, atol=1e-12)
+    for backend in contrastive.BACKENDS:
+        ranks = [res[backend] for res in results]
+        for k in PARTS:
+            mean = torch.stack([r["parts"][k] for r in ranks]).mean()
+            torch.testing.assert_close(mean, want_parts[k], rtol=1e-12, atol=1e-12, msg=f"{backend} {k}")
+        for key in ("grads", "fallback"):
+            for r, res in enumerate(ranks):
+                rows = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
+                for k in NAMES:
+                    torch.testing.assert_close(
+                        res[key][k] / world, want_grads[k][rows], rtol=1e-10, atol=1e-12, msg=f"{backend} {key} {k} rank {r}"
+                    )
+            scale_grad = torch.stack([res[key]["logit_scale"] for res in ranks]).mean(0)
+            torch.testing.assert_close(scale_grad, want_grads["logit_scale"], rtol=1e-10, atol=1e-12, msg=f"{backend} {key}")
 
 
 def test_uneven_batch_raises_on_every_rank(tmp_path: Path):

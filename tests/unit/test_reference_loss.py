@@ -1,7 +1,8 @@
-"""The reference backend against numbers written out by hand, plus gradients and API.
+"""Every backend against numbers written out by hand, plus gradients and API.
 
 Hand cases use b=2, d=2 vectors whose normalised dot products are 0, +-1, 0.6 or 0.8, so
-each row's loss is a log-sum-exp of a few numbers spelled out below.
+each row's loss is a log-sum-exp of a few numbers spelled out below. Each test runs once
+per backend, with that backend as the functions' default.
 """
 import math
 
@@ -26,6 +27,13 @@ AUG1 = t64([[3, 0], [0, 0.5]])  # -> a1 = (1, 0), a2 = (0, 1)
 AUG2 = t64([[3, 4], [-2, 0]])  # -> b1 = (0.6, 0.8), b2 = (-1, 0)
 S = 2.0  # logit scale
 T = 0.5  # temperature
+
+
+@pytest.fixture(autouse=True, params=contrastive.BACKENDS)
+def backend(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    for fn in (contrastive.clip_loss, contrastive.simclr_loss, contrastive.slip_loss):
+        monkeypatch.setitem(fn.__kwdefaults__, "backend", request.param)
+    return request.param
 
 
 def clip_by_hand() -> float:

@@ -1,0 +1,243 @@
+"""The `chunked` backend: tiled log-sum-exp of scaled similarities; no [b, B] logits anywhere.
+
+The one primitive is `tiled_lse(p, q, scale)`: the log-sum-exp over each row (and, when
+asked, each column) of Z = scale * p @ q.T, walked in tiles of ROWS x COLS with an online
+max and sum, plus each row's max and argmax for the accuracy. Only the [b] and [N] results
+are saved; the backward recomputes each tile and turns it into softmax probabilities with
+the saved log-sum-exps, as FlashAttention's backward does. Peak memory is
+O((b + N) d + ROWS * COLS) instead of O(b N).
+
+The losses are composed from it with ordinary autograd:
+- CLIP row i: lse_i(x_i . y_all) - scale * x_i . y_pos. In one process Z = X Y^T serves
+  both directions (image-to-text rows, text-to-image columns), so each tile is computed once.
+- SimCLR view-a row i: logaddexp(lse over a_i . b_all, lse over a_i . a_all without its own
+  entry) - a_i . b_pos / t; view b likewise, again from the same tiles in one process.
+
+Same contract as kernels/reference.py: normalised embeddings in the compute dtype, this
+rank's rows and every rank's candidates, `offset` = rank * b.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import SELF_MASK_LOGIT
+
+ROWS, COLS = 1024, 4096  # tile of logits: 4M values, 16 MB in fp32
+
+_NO_MASK = -(1 << 62)  # a mask offset no (row, column) pair reaches
+
+
+def _tile(p: Tensor, q: Tensor, scale: Tensor, r0: int, c0: int, mask_offset: int) -> tuple[Tensor, Tensor, tuple | None]:
+    """(p.q^T, scale * p.q^T with entry (i, i + mask_offset) at SELF_MASK_LOGIT, the masked
+    (rows, cols) of this tile or None), the first two [R, C]."""
+    raw = p @ q.T  # (R, C)
+    logits = raw * scale
+    # Rows whose masked column falls in this tile: r0 + i + mask_offset in [c0, c0 + C).
+    first = max(0, c0 - mask_offset - r0)
+    last = min(p.shape[0], c0 + q.shape[0] - mask_offset - r0)
+    if first >= last:
+        return raw, logits, None
+    rows = torch.arange(first, last, device=p.device)
+    masked = (rows, rows + r0 + mask_offset - c0)
+    logits[masked] = SELF_MASK_LOGIT  # finite: a fully masked row stays free of inf - inf
+    return raw, logits, masked
+
+
+def _split(run_max: Tensor, run_sum: Tensor) -> tuple[Tensor, Tensor]:
+    """(lse, what rounding lse lost): lse - z is then exact to the last bit as (lse - z) + lost,
+    where lse alone would cancel (a row whose positive dominates has lse - z ~ 1e-7, below
+    lse's own rounding)."""
+    log_sum = torch.log(run_sum)
+    lse = run_max + log_sum
+    return lse, (run_max - lse) + log_sum
+
+
+class _TiledLSE(torch.autograd.Function):
+    """-> (row_lse [b], row_lost [b], col_lse [N], col_lost [N] (empty without cols),
+    row_max [b], row_argmax [b]); only the lse outputs carry gradient."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, q: Tensor, scale: Tensor, cols: bool, mask_offset: int, tiles: tuple[int, int]):  # type: ignore[override]
+        b, n = p.shape[0], q.shape[0]
+        rows_t, cols_t = tiles
+        row_lse, row_lost = p.new_empty(b), p.new_empty(b)  # (b,) each
+        row_max = p.new_empty(b)  # (b,)
+        row_arg = torch.empty(b, dtype=torch.int64, device=p.device)  # (b,)
+        col_max = p.new_full((n if cols else 0,), float("-inf"))  # (N,)
+        col_sum = p.new_zeros(n if cols else 0)  # (N,)
+        for r0 in range(0, b, rows_t):
+            p_blk = p[r0 : r0 + rows_t]
+            run_max = p.new_full((p_blk.shape[0],), float("-inf"))  # (R,)
+            run_sum = p.new_zeros(p_blk.shape[0])  # (R,)
+            run_arg = torch.zeros(p_blk.shape[0], dtype=torch.int64, device=p.device)  # (R,)
+            for c0 in range(0, n, cols_t):
+                _, z, _ = _tile(p_blk, q[c0 : c0 + cols_t], scale, r0, c0, mask_offset)
+                tile_max, tile_arg = z.max(dim=1)
+                run_arg = torch.where(tile_max > run_max, tile_arg + c0, run_arg)  # first maximum wins
+                new_max = torch.maximum(run_max, tile_max)
+                run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+                run_max = new_max
+                if cols:
+                    c1 = c0 + z.shape[1]
+                    tile_cmax = z.max(dim=0).values
+                    new_cmax = torch.maximum(col_max[c0:c1], tile_cmax)
+                    col_sum[c0:c1] = col_sum[c0:c1] * torch.exp(col_max[c0:c1] - new_cmax) + torch.exp(z - new_cmax).sum(dim=0)
+                    col_max[c0:c1] = new_cmax
+            row_lse[r0 : r0 + rows_t], row_lost[r0 : r0 + rows_t] = _split(run_max, run_sum)
+            row_max[r0 : r0 + rows_t], row_arg[r0 : r0 + rows_t] = run_max, run_arg
+        col_lse, col_lost = _split(col_max, col_sum)  # (N,) each, or empty
+        ctx.save_for_backward(p, q, scale, row_lse, col_lse)
+        ctx.cols, ctx.mask_offset, ctx.tiles = cols, mask_offset, tiles
+        ctx.mark_non_differentiable(row_lost, col_lost, row_max, row_arg)
+        return row_lse, row_lost, col_lse, col_lost, row_max, row_arg
+
+    @staticmethod
+    def backward(ctx, g_row: Tensor, _g_row_lost, g_col: Tensor, _g_col_lost, _g_max, _g_arg):  # type: ignore[override]
+        p, q, scale, row_lse, col_lse = ctx.saved_tensors
+        rows_t, cols_t = ctx.tiles
+        b, n = p.shape[0], q.shape[0]
+        grad_p, grad_q = torch.zeros_like(p), torch.zeros_like(q)
+        grad_scale = torch.zeros_like(scale)
+        want_scale = ctx.needs_input_grad[2]
+        for r0 in range(0, b, rows_t):
+            p_blk = p[r0 : r0 + rows_t]
+            for c0 in range(0, n, cols_t):
+                q_blk = q[c0 : c0 + cols_t]
+                raw, z, masked = _tile(p_blk, q_blk, scale, r0, c0, ctx.mask_offset)
+                c1 = c0 + z.shape[1]
+                # d lse_i / d z_ij is row i's softmax (and column j's, for the columns).
+                g = torch.exp(z - row_lse[r0 : r0 + rows_t, None]).mul_(g_row[r0 : r0 + rows_t, None])  # (R, C)
+                if ctx.cols:
+                    g += torch.exp(z - col_lse[None, c0:c1]).mul_(g_col[None, c0:c1])
+                if masked is not None:
+                    g[masked] = 0  # a masked entry is a constant, not a function of p and q
+                grad_p[r0 : r0 + rows_t] += (g @ q_blk) * scale
+                grad_q[c0:c1] += (g.T @ p_blk) * scale
+                if want_scale:
+                    grad_scale += (g * raw).sum()
+        return grad_p, grad_q, grad_scale if want_scale else None, None, None, None
+
+
+class _SymmetricTiledLSE(torch.autograd.Function):
+    """Row log-sum-exp of Z = scale * p @ p.T without its diagonal, from the tiles on and above
+    the diagonal only: tile (I, J) serves block I's rows and, transposed, block J's.
+    -> (row_lse [b], row_lost [b], row_max [b])."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, scale: Tensor, tile: int):  # type: ignore[override]
+        b = p.shape[0]
+        run_max = p.new_full((b,), float("-inf"))  # (b,)
+        run_sum = p.new_zeros(b)  # (b,)
+
+        def update(r0: int, z: Tensor) -> None:  # fold z's rows into rows r0.. of the stats
+            r1 = r0 + z.shape[0]
+            new_max = torch.maximum(run_max[r0:r1], z.max(dim=1).values)
+            run_sum[r0:r1] = run_sum[r0:r1] * torch.exp(run_max[r0:r1] - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+            run_max[r0:r1] = new_max
+
+        for r0 in range(0, b, tile):
+            for c0 in range(r0, b, tile):
+                _, z, _ = _tile(p[r0 : r0 + tile], p[c0 : c0 + tile], scale, r0, c0, 0)
+                update(r0, z)
+                if c0 != r0:
+                    update(c0, z.T)
+        row_lse, row_lost = _split(run_max, run_sum)
+        ctx.save_for_backward(p, scale, row_lse)
+        ctx.tile = tile
+        ctx.mark_non_differentiable(row_lost, run_max)
+        return row_lse, row_lost, run_max
+
+    @staticmethod
+    def backward(ctx, g_row: Tensor, _g_lost: Tensor, _g_max: Tensor):  # type: ignore[override]
+        p, scale, row_lse = ctx.saved_tensors
+        b, tile = p.shape[0], ctx.tile
+        grad = torch.zeros_like(p)
+        grad_scale = torch.zeros_like(scale)
+        for r0 in range(0, b, tile):
+            for c0 in range(r0, b, tile):
+                p_r, p_c = p[r0 : r0 + tile], p[c0 : c0 + tile]
+                raw, z, masked = _tile(p_r, p_c, scale, r0, c0, 0)
+                r1, c1 = r0 + z.shape[0], c0 + z.shape[1]
+                g = torch.exp(z - row_lse[r0:r1, None]).mul_(g_row[r0:r1, None])  # (R, C) through row r
+                if c0 != r0:  # the same entries, seen from the rows of block c
+                    g += torch.exp(z - row_lse[None, c0:c1]).mul_(g_row[None, c0:c1])
+                if masked is not None:
+                    g[masked] = 0
+                grad[r0:r1] += (g @ p_c) * scale
+                grad[c0:c1] += (g.T @ p_r) * scale
+                if ctx.needs_input_grad[1]:
+                    grad_scale += (g * raw).sum()
+        return grad, grad_scale if ctx.needs_input_grad[1] else None, None
+
+
+def tiled_lse(
+    p: Tensor, q: Tensor, scale: Tensor, *, cols: bool = False, mask_offset: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Row (and column) log-sum-exp of scale * p @ q.T without materialising it.
+
+    p: [b, d], q: [N, d], scale: [1]. mask_offset k leaves entry (i, i + k) out of the sums.
+    Returns (row_lse [b], row_lost [b], col_lse [N], col_lost [N] (both [0] without cols),
+    row_max [b], row_argmax [b]); the `lost` parts (see _split), max and argmax carry no
+    gradient.
+    """
+    offset = _NO_MASK if mask_offset is None else mask_offset
+    return _TiledLSE.apply(p, q, scale.reshape(1), cols, offset, (ROWS, COLS))
+
+
+def row_losses(lse: Tensor, lost: Tensor, positive: Tensor) -> Tensor:
+    """lse - positive per row: the gradient of that, the value without its cancellation."""
+    return (lse - positive) + lost
+
+
+def merge(lse_1: Tensor, lost_1: Tensor, lse_2: Tensor, lost_2: Tensor) -> tuple[Tensor, Tensor]:
+    """The log-sum-exp over the union of two candidate sets, and its lost part: the union's
+    value is m + lost_m + log1p(exp(other - m)) with m the larger, which keeps the digits
+    that logaddexp's own rounding drops (the smaller side's lost part is second order)."""
+    lse = torch.logaddexp(lse_1, lse_2)
+    with torch.no_grad():
+        first = lse_1 >= lse_2
+        larger, smaller = torch.where(first, lse_1, lse_2), torch.where(first, lse_2, lse_1)
+        lost = (larger - lse) + torch.where(first, lost_1, lost_2) + torch.log1p(torch.exp(smaller - larger))
+    return lse, lost
+
+
+def _accuracy(correct: Tensor) -> Tensor:
+    return correct.float().mean().mul(100).detach()  # as reference._top1 computes it
+
+
+def clip(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, logit_scale: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    """CLIP InfoNCE over this rank's rows, as reference.clip, without the logits."""
+    b = x.shape[0]
+    pos = torch.arange(b, device=x.device) + offset  # (b,)
+    positive = logit_scale * (x * y).sum(dim=1)  # (b,) the matching pairs are both local
+    if x_all.shape[0] == b:  # one process: text-to-image rows are this matrix's columns
+        i2t, i2t_lost, t2i, t2i_lost, _, arg = tiled_lse(x, y, logit_scale, cols=True)
+    else:
+        i2t, i2t_lost, _, _, _, arg = tiled_lse(x, y_all, logit_scale)
+        t2i, t2i_lost, _, _, _, _ = tiled_lse(y, x_all, logit_scale)
+    loss = (row_losses(i2t, i2t_lost, positive).mean() + row_losses(t2i, t2i_lost, positive).mean()) / 2
+    return loss, _accuracy(arg == pos)
+
+
+def simclr(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, temperature: float, offset: int) -> tuple[Tensor, Tensor]:
+    """NT-Xent as reference.simclr: view-a rows score b_all and a_all (own entry left out)."""
+    n = a.shape[0]
+    scale = torch.tensor([1.0 / temperature], dtype=a.dtype, device=a.device)
+    positive = (a * b).sum(dim=1) * scale  # (n,)
+    if a_all.shape[0] == n:  # one process: b-rows against a are the columns of a . b^T
+        ab, ab_lost, ba, ba_lost, ab_max, ab_arg = tiled_lse(a, b, scale, cols=True)
+        # a . a^T is symmetric: half its tiles suffice
+        aa, aa_lost, aa_max = _SymmetricTiledLSE.apply(a, scale, ROWS)
+        bb, bb_lost, _ = _SymmetricTiledLSE.apply(b, scale, ROWS)
+    else:
+        ab, ab_lost, _, _, ab_max, ab_arg = tiled_lse(a, b_all, scale)
+        ba, ba_lost, _, _, _, _ = tiled_lse(b, a_all, scale)
+        aa, aa_lost, _, _, aa_max, _ = tiled_lse(a, a_all, scale, mask_offset=offset)
+        bb, bb_lost, _, _, _, _ = tiled_lse(b, b_all, scale, mask_offset=offset)
+    loss_a = row_losses(*merge(ab, ab_lost, aa, aa_lost), positive).mean()
+    loss_b = row_losses(*merge(ba, ba_lost, bb, bb_lost), positive).mean()
+    loss = (loss_a + loss_b) / 2
+    # The reference's top-1 runs over [a.b_all | a.a_all]: a tie goes to the first half.
+    correct = (ab_arg == torch.arange(n, device=a.device) + offset) & (ab_max >= aa_max)
+    return loss, _accuracy(correct)
