@@ -79,7 +79,9 @@ def parallelize(model: nn.Module, dist: DistInfo) -> nn.Module:
     if dist.device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # torch's SyncBatchNorm refuses CPU tensors; per-rank statistics would silently change the loss.
-    raise ValueError("cross-rank BatchNorm on the CPU is not available yet: train the SimCLR head in one process or on CUDA")
+    from kernels.cross_rank_bn import CrossRankBatchNorm1d
+
+    return CrossRankBatchNorm1d.convert(model, dist.group)
 
 
 def reduce_mean(values: dict[str, torch.Tensor], dist: DistInfo) -> dict[str, float]:
