@@ -135,6 +135,26 @@ def _cmd_profile_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile_loss(args: argparse.Namespace) -> int:
+    import json
+
+    from kernels.loss_bench import profile_loss
+
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    r = profile_loss(args.batch, args.dim, backends, device=args.device, dtype=args.dtype, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0 if all("error" not in v for v in r["backends"].values()) else 1
+    print(f"SLIP loss forward + backward: batch {r['batch']}, dim {r['dim']} (SimCLR {r['ssl_dim']}), {r['dtype']} on {r['device']}")
+    for name, v in r["backends"].items():
+        if "error" in v:
+            print(f"  {name:10s} failed: {v['error']}")
+            continue
+        ratios = f"  {v['time_ratio']:.2f}x time, {v['memory_ratio']:.3f}x memory" if "time_ratio" in v else ""
+        print(f"  {name:10s} {v['seconds']:8.2f} s  {v['extra_peak_bytes'] / 2**20:9.0f} MiB extra peak{ratios}")
+    return 0 if all("error" not in v for v in r["backends"].values()) else 1
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.verify import verify
 
@@ -211,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     ppipe.add_argument("--steps", type=int, default=10, help="measured batches (after 3 warm-up ones)")
     ppipe.add_argument("--json", action="store_true", help="print the figures as JSON")
     ppipe.set_defaults(func=_cmd_profile_pipeline)
+
+    ploss = targets.add_parser("loss", help="contrastive loss backends: time and peak memory of forward + backward")
+    ploss.add_argument("--batch", type=int, required=True, help="global batch B (one process holds all of it)")
+    ploss.add_argument("--dim", type=int, default=512, help="CLIP embedding width (SimCLR's is 256)")
+    ploss.add_argument("--backend", default="reference,chunked", help="backends, comma-separated; ratios are against the first")
+    ploss.add_argument("--device", default="cpu", help="cpu or cuda")
+    ploss.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ploss.add_argument("--repeats", type=int, default=1, help="runs per backend; the fastest is reported")
+    ploss.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ploss.set_defaults(func=_cmd_profile_loss)
 
     ver = sub.add_parser("verify", help="decode every sample and check tokens, text and checksums")
     ver.add_argument("dir", help="directory written by `slip convert`")
