@@ -29,9 +29,17 @@ class Backend(NamedTuple):
     simclr: Callable[[Tensor, Tensor, Tensor, Tensor, float, int], tuple[Tensor, Tensor]]
 
 
-_REGISTRY: dict[str, Backend] = {
+def _triton() -> Backend:
+    # Imported on first use: Triton is only needed when the backend is chosen.
+    from . import triton_lse
+
+    return Backend(clip=triton_lse.clip, simclr=triton_lse.simclr)
+
+
+_REGISTRY: dict[str, Backend | Callable[[], Backend]] = {
     "reference": Backend(clip=reference.clip, simclr=reference.simclr),
     "chunked": Backend(clip=chunked.clip, simclr=chunked.simclr),
+    "triton": _triton,
 }
 BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
 DEFAULT_BACKEND = "chunked"  # the tiled one: no [b, B] logits; "reference" is the oracle
@@ -39,9 +47,12 @@ DEFAULT_BACKEND = "chunked"  # the tiled one: no [b, B] logits; "reference" is t
 
 def _backend(name: str) -> Backend:
     try:
-        return _REGISTRY[name]
+        impl = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown contrastive backend {name!r}; available: {', '.join(BACKENDS)}") from None
+    if not isinstance(impl, Backend):
+        impl = _REGISTRY[name] = impl()
+    return impl
 
 
 def _normalise(*embeds: Tensor) -> list[Tensor]:

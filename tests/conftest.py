@@ -9,6 +9,18 @@ os.environ.setdefault("CI", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")  # FFCV's writer and DeepSpeed draw bars of their own
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if not _cuda():
+    # The triton loss backend's kernels run under Triton's interpreter: the code the GPU
+    # compiles, executed on the CPU. Read when the kernels are defined, so set first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds (multi-process, end to end)")
     config.addinivalue_line("markers", "distributed: spawns several processes with a gloo group")
@@ -16,9 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
-    if torch.cuda.is_available():
+    if _cuda():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:

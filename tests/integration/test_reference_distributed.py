@@ -108,18 +108,20 @@ def test_slip_matches_global_batch(world: int, tmp_path: Path):
 
     for backend in contrastive.BACKENDS:
         ranks = [res[backend] for res in results]
+        # triton computes in fp32 whatever the input dtype; the others in fp64.
+        parts_tol, grad_tol = (dict(rtol=1e-5, atol=1e-6),) * 2 if backend == "triton" else (dict(rtol=1e-12, atol=1e-12), dict(rtol=1e-10, atol=1e-12))
         for k in PARTS:
             mean = torch.stack([r["parts"][k] for r in ranks]).mean()
-            torch.testing.assert_close(mean, want_parts[k], rtol=1e-12, atol=1e-12, msg=f"{backend} {k}")
+            torch.testing.assert_close(mean, want_parts[k], **parts_tol, msg=f"{backend} {k}")
         for key in ("grads", "fallback"):
             for r, res in enumerate(ranks):
                 rows = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
                 for k in NAMES:
                     torch.testing.assert_close(
-                        res[key][k] / world, want_grads[k][rows], rtol=1e-10, atol=1e-12, msg=f"{backend} {key} {k} rank {r}"
+                        res[key][k] / world, want_grads[k][rows], **grad_tol, msg=f"{backend} {key} {k} rank {r}"
                     )
             scale_grad = torch.stack([res[key]["logit_scale"] for res in ranks]).mean(0)
-            torch.testing.assert_close(scale_grad, want_grads["logit_scale"], rtol=1e-10, atol=1e-12, msg=f"{backend} {key}")
+            torch.testing.assert_close(scale_grad, want_grads["logit_scale"], **grad_tol, msg=f"{backend} {key}")
 
 
 def test_uneven_batch_raises_on_every_rank(tmp_path: Path):

@@ -2,7 +2,7 @@
 
 Hand cases use b=2, d=2 vectors whose normalised dot products are 0, +-1, 0.6 or 0.8, so
 each row's loss is a log-sum-exp of a few numbers spelled out below. Each test runs once
-per backend, with that backend as the functions' default.
+per fp64-capable backend, with that backend as the functions' default.
 """
 import math
 
@@ -29,7 +29,8 @@ S = 2.0  # logit scale
 T = 0.5  # temperature
 
 
-@pytest.fixture(autouse=True, params=contrastive.BACKENDS)
+# triton computes in fp32 whatever the input; its own tests hold it to fp32 tolerances.
+@pytest.fixture(autouse=True, params=[b for b in contrastive.BACKENDS if b != "triton"])
 def backend(request, monkeypatch: pytest.MonkeyPatch) -> str:
     for fn in (contrastive.clip_loss, contrastive.simclr_loss, contrastive.slip_loss):
         monkeypatch.setitem(fn.__kwdefaults__, "backend", request.param)
