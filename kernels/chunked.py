@@ -25,7 +25,7 @@ from .reference import SELF_MASK_LOGIT
 
 ROWS, COLS = 1024, 4096  # tile of logits: 4M values, 16 MB in fp32
 
-_NO_MASK = -(1 << 62)  # a mask offset no (row, column) pair reaches
+NO_MASK = -(1 << 40)  # a mask offset no (row, column) pair reaches
 
 
 def _tile(p: Tensor, q: Tensor, scale: Tensor, r0: int, c0: int, mask_offset: int) -> tuple[Tensor, Tensor, tuple | None]:
@@ -45,9 +45,10 @@ def _tile(p: Tensor, q: Tensor, scale: Tensor, r0: int, c0: int, mask_offset: in
 
 
 def _split(run_max: Tensor, run_sum: Tensor) -> tuple[Tensor, Tensor]:
-    """(lse, what rounding lse lost): lse - z is then exact to the last bit as (lse - z) + lost,
-    where lse alone would cancel (a row whose positive dominates has lse - z ~ 1e-7, below
-    lse's own rounding)."""
+    """(lse, what rounding lse lost). A row whose positive dominates has lse - z ~ 1e-7,
+    below lse's own rounding (~2e-6 at 20): (lse - z) + lost keeps it, where lse - z alone
+    would give 0. The positive logit, a separate dot product, is itself good to about one
+    unit in the last place of the scale."""
     log_sum = torch.log(run_sum)
     lse = run_max + log_sum
     return lse, (run_max - lse) + log_sum
@@ -181,7 +182,7 @@ def tiled_lse(
     row_max [b], row_argmax [b]); the `lost` parts (see _split), max and argmax carry no
     gradient.
     """
-    offset = _NO_MASK if mask_offset is None else mask_offset
+    offset = NO_MASK if mask_offset is None else mask_offset
     return _TiledLSE.apply(p, q, scale.reshape(1), cols, offset, (ROWS, COLS))
 
 
@@ -202,8 +203,9 @@ def merge(lse_1: Tensor, lost_1: Tensor, lse_2: Tensor, lost_2: Tensor) -> tuple
     return lse, lost
 
 
-def _accuracy(correct: Tensor) -> Tensor:
-    return correct.float().mean().mul(100).detach()  # as reference._top1 computes it
+def accuracy(correct: Tensor) -> Tensor:
+    """Top-1 in percent from a [b] bool, as reference._top1 computes it."""
+    return correct.float().mean().mul(100).detach()
 
 
 def clip(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, logit_scale: Tensor, offset: int) -> tuple[Tensor, Tensor]:
@@ -211,13 +213,13 @@ def clip(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, logit_scale: Tensor
     b = x.shape[0]
     pos = torch.arange(b, device=x.device) + offset  # (b,)
     positive = logit_scale * (x * y).sum(dim=1)  # (b,) the matching pairs are both local
-    if x_all.shape[0] == b:  # one process: text-to-image rows are this matrix's columns
+    if x_all is x and y_all is y:  # one process: text-to-image rows are this matrix's columns
         i2t, i2t_lost, t2i, t2i_lost, _, arg = tiled_lse(x, y, logit_scale, cols=True)
     else:
         i2t, i2t_lost, _, _, _, arg = tiled_lse(x, y_all, logit_scale)
         t2i, t2i_lost, _, _, _, _ = tiled_lse(y, x_all, logit_scale)
     loss = (row_losses(i2t, i2t_lost, positive).mean() + row_losses(t2i, t2i_lost, positive).mean()) / 2
-    return loss, _accuracy(arg == pos)
+    return loss, accuracy(arg == pos)
 
 
 def simclr(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, temperature: float, offset: int) -> tuple[Tensor, Tensor]:
@@ -225,7 +227,7 @@ def simclr(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, temperature: floa
     n = a.shape[0]
     scale = torch.tensor([1.0 / temperature], dtype=a.dtype, device=a.device)
     positive = (a * b).sum(dim=1) * scale  # (n,)
-    if a_all.shape[0] == n:  # one process: b-rows against a are the columns of a . b^T
+    if a_all is a and b_all is b:  # one process: b-rows against a are the columns of a . b^T
         ab, ab_lost, ba, ba_lost, ab_max, ab_arg = tiled_lse(a, b, scale, cols=True)
         # a . a^T is symmetric: half its tiles suffice
         aa, aa_lost, aa_max = _SymmetricTiledLSE.apply(a, scale, ROWS)
@@ -240,4 +242,4 @@ def simclr(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, temperature: floa
     loss = (loss_a + loss_b) / 2
     # The reference's top-1 runs over [a.b_all | a.a_all]: a tie goes to the first half.
     correct = (ab_arg == torch.arange(n, device=a.device) + offset) & (ab_max >= aa_max)
-    return loss, _accuracy(correct)
+    return loss, accuracy(correct)

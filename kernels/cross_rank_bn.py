@@ -40,11 +40,14 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         if x.dim() != 2:
             raise ValueError(f"CrossRankBatchNorm1d expects [b, C] inputs, got {tuple(x.shape)}")
-        count = x.new_tensor([float(x.shape[0])])
-        total = dist_fn.all_reduce(torch.cat([x.sum(dim=0), count]), group=self.group)  # (C + 1,)
+        # Statistics in at least fp32 whatever autocast made x (a bf16 count of 257 is 256), as
+        # BatchNorm keeps them; fp64 stays fp64.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        count = xf.new_tensor([float(x.shape[0])])
+        total = dist_fn.all_reduce(torch.cat([xf.sum(dim=0), count]), group=self.group)  # (C + 1,)
         n = total[-1]
         mean = total[:-1] / n  # (C,)
-        centred = x - mean
+        centred = xf - mean
         var = dist_fn.all_reduce(centred.pow(2).sum(dim=0), group=self.group) / n  # (C,) biased, for the output
         if self.track_running_stats:
             with torch.no_grad():
@@ -54,4 +57,5 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
         y = centred * torch.rsqrt(var + self.eps)
-        return y * self.weight + self.bias if self.affine else y
+        y = y * self.weight + self.bias if self.affine else y
+        return y.to(x.dtype)

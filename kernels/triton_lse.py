@@ -23,13 +23,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunked import merge, row_losses
+from .chunked import NO_MASK, accuracy, merge, row_losses
 from .reference import SELF_MASK_LOGIT
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32
-# fp32 products in full precision (Triton's default for fp32 dots is TF32, 10 mantissa bits).
-PRECISION: tl.constexpr = tl.constexpr("ieee")
-_NO_MASK = -(1 << 40)
+# fp32 products on tensor cores at about fp32 accuracy: three TF32 products per dot
+# (Triton's default for fp32 is one TF32 product, 10 mantissa bits; "ieee" skips the cores).
+PRECISION: tl.constexpr = tl.constexpr("tf32x3")
+_MASK: tl.constexpr = tl.constexpr(SELF_MASK_LOGIT)  # a kernel reads module values only as constexpr
 
 
 @triton.jit
@@ -43,7 +44,7 @@ def _logits(p_ptr, q_ptr, rows, cols, b, n, d, stride_p, stride_q, scale, mask_o
         q = tl.load(q_ptr + cols[:, None] * stride_q + ks[None, :], mask=(cols[:, None] < n) & (ks[None, :] < d), other=0.0)
         raw += tl.dot(p, tl.trans(q), input_precision=PRECISION)
     z = raw * scale
-    z = tl.where(cols[None, :] == rows[:, None] + mask_offset, SELF_MASK_LOGIT, z)
+    z = tl.where(cols[None, :] == rows[:, None] + mask_offset, _MASK, z)
     z = tl.where(cols[None, :] < n, z, float("-inf"))
     return raw, z
 
@@ -171,11 +172,7 @@ def tiled_lse(p: Tensor, q: Tensor, scale: Tensor, *, mask_offset: int | None = 
         raise ValueError("the triton loss backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
     if p.dtype == torch.float64:
         p, q = p.float(), q.float()
-    return _TritonLSE.apply(p, q, scale.reshape(1), _NO_MASK if mask_offset is None else mask_offset)
-
-
-def _accuracy(correct: Tensor) -> Tensor:
-    return correct.float().mean().mul(100).detach()
+    return _TritonLSE.apply(p, q, scale.reshape(1), NO_MASK if mask_offset is None else mask_offset)
 
 
 def clip(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, logit_scale: Tensor, offset: int) -> tuple[Tensor, Tensor]:
@@ -185,7 +182,7 @@ def clip(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, logit_scale: Tensor
     i2t, i2t_lost, _, arg = tiled_lse(x, y_all, logit_scale)
     t2i, t2i_lost, _, _ = tiled_lse(y, x_all, logit_scale)
     loss = (row_losses(i2t, i2t_lost, positive).mean() + row_losses(t2i, t2i_lost, positive).mean()) / 2
-    return loss.to(x.dtype), _accuracy(arg == torch.arange(b, device=x.device) + offset)
+    return loss.to(x.dtype), accuracy(arg == torch.arange(b, device=x.device) + offset)
 
 
 def simclr(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, temperature: float, offset: int) -> tuple[Tensor, Tensor]:
@@ -200,4 +197,4 @@ def simclr(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, temperature: floa
     loss_a = row_losses(*merge(ab, ab_lost, aa, aa_lost), positive).mean()
     loss_b = row_losses(*merge(ba, ba_lost, bb, bb_lost), positive).mean()
     correct = (ab_arg == torch.arange(n, device=a.device) + offset) & (ab_max >= aa_max)
-    return ((loss_a + loss_b) / 2).to(a.dtype), _accuracy(correct)
+    return ((loss_a + loss_b) / 2).to(a.dtype), accuracy(correct)

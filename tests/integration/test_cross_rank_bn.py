@@ -94,3 +94,4 @@ def test_one_process_is_plain_batchnorm() -> None:
     assert isinstance(cross, CrossRankBatchNorm1d)
     torch.testing.assert_close(cross(x), plain(x), rtol=0, atol=0)
     torch.testing.assert_close(cross.running_var, plain.running_var, rtol=0, atol=0)
+

@@ -32,13 +32,17 @@ JOIN_TIMEOUT_S = 120.0
 
 def _slip(batch: dict[str, torch.Tensor], group, backend: str = "reference") -> tuple[dict, dict]:
     """Loss parts and gradients of slip_loss on `batch` (fresh leaves)."""
+    tiles = chunked.ROWS, chunked.COLS
     chunked.ROWS, chunked.COLS = 2, 5  # several tiles even on these small batches
-    leaves = {k: v.clone().requires_grad_(True) for k, v in batch.items()}
-    out = contrastive.slip_loss(
-        leaves["image"], leaves["text"], leaves["logit_scale"], leaves["aug1"], leaves["aug2"],
-        group=group, backend=backend, **KW,
-    )
-    out["loss"].backward()
+    try:
+        leaves = {k: v.clone().requires_grad_(True) for k, v in batch.items()}
+        out = contrastive.slip_loss(
+            leaves["image"], leaves["text"], leaves["logit_scale"], leaves["aug1"], leaves["aug2"],
+            group=group, backend=backend, **KW,
+        )
+        out["loss"].backward()
+    finally:
+        chunked.ROWS, chunked.COLS = tiles  # the parent process runs other tests after this one
     return {k: out[k].detach() for k in PARTS}, {k: v.grad for k, v in leaves.items()}
 
 
