@@ -18,6 +18,8 @@ rank's rows and every rank's candidates, `offset` = rank * b.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -54,6 +56,13 @@ def _split(run_max: Tensor, run_sum: Tensor) -> tuple[Tensor, Tensor]:
     return lse, (run_max - lse) + log_sum
 
 
+def _fold(run_max: Tensor, run_sum: Tensor, z: Tensor, z_max: Tensor) -> tuple[Tensor, Tensor]:
+    """Online log-sum-exp: each row's running (max, sum of exp(. - max)) with the rows of
+    z [R, C] (whose row maxima are z_max) folded in."""
+    new_max = torch.maximum(run_max, z_max)
+    return new_max, run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+
+
 class _TiledLSE(torch.autograd.Function):
     """-> (row_lse [b], row_lost [b], col_lse [N], col_lost [N] (empty without cols),
     row_max [b], row_argmax [b]); only the lse outputs carry gradient."""
@@ -76,15 +85,10 @@ class _TiledLSE(torch.autograd.Function):
                 _, z, _ = _tile(p_blk, q[c0 : c0 + cols_t], scale, r0, c0, mask_offset)
                 tile_max, tile_arg = z.max(dim=1)
                 run_arg = torch.where(tile_max > run_max, tile_arg + c0, run_arg)  # first maximum wins
-                new_max = torch.maximum(run_max, tile_max)
-                run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
-                run_max = new_max
+                run_max, run_sum = _fold(run_max, run_sum, z, tile_max)
                 if cols:
                     c1 = c0 + z.shape[1]
-                    tile_cmax = z.max(dim=0).values
-                    new_cmax = torch.maximum(col_max[c0:c1], tile_cmax)
-                    col_sum[c0:c1] = col_sum[c0:c1] * torch.exp(col_max[c0:c1] - new_cmax) + torch.exp(z - new_cmax).sum(dim=0)
-                    col_max[c0:c1] = new_cmax
+                    col_max[c0:c1], col_sum[c0:c1] = _fold(col_max[c0:c1], col_sum[c0:c1], z.T, z.max(dim=0).values)
             row_lse[r0 : r0 + rows_t], row_lost[r0 : r0 + rows_t] = _split(run_max, run_sum)
             row_max[r0 : r0 + rows_t], row_arg[r0 : r0 + rows_t] = run_max, run_arg
         col_lse, col_lost = _split(col_max, col_sum)  # (N,) each, or empty
@@ -133,9 +137,7 @@ class _SymmetricTiledLSE(torch.autograd.Function):
 
         def update(r0: int, z: Tensor) -> None:  # fold z's rows into rows r0.. of the stats
             r1 = r0 + z.shape[0]
-            new_max = torch.maximum(run_max[r0:r1], z.max(dim=1).values)
-            run_sum[r0:r1] = run_sum[r0:r1] * torch.exp(run_max[r0:r1] - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
-            run_max[r0:r1] = new_max
+            run_max[r0:r1], run_sum[r0:r1] = _fold(run_max[r0:r1], run_sum[r0:r1], z, z.max(dim=1).values)
 
         for r0 in range(0, b, tile):
             for c0 in range(r0, b, tile):
@@ -208,38 +210,62 @@ def accuracy(correct: Tensor) -> Tensor:
     return correct.float().mean().mul(100).detach()
 
 
+RowsLSE = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
+"""(p, q, scale, *, mask_offset=None) -> (row_lse, row_lost, row_max, row_argmax), as tiled_lse's rows."""
+
+
+def _rows(p: Tensor, q: Tensor, scale: Tensor, *, mask_offset: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    lse, lost, _, _, row_max, arg = tiled_lse(p, q, scale, mask_offset=mask_offset)
+    return lse, lost, row_max, arg
+
+
+def _clip_loss(x: Tensor, y: Tensor, logit_scale: Tensor, offset: int, i2t: tuple, t2i: tuple, arg: Tensor) -> tuple[Tensor, Tensor]:
+    """(loss, accuracy) from the (lse, lost) of both directions and the image rows' argmax."""
+    positive = logit_scale * (x * y).sum(dim=1)  # (b,) the matching pairs are both local
+    loss = (row_losses(*i2t, positive).mean() + row_losses(*t2i, positive).mean()) / 2
+    return loss, accuracy(arg == torch.arange(x.shape[0], device=x.device) + offset)
+
+
+def _simclr_loss(a: Tensor, b: Tensor, scale: Tensor, offset: int, ab: tuple, ba: tuple, aa: tuple, bb: tuple) -> tuple[Tensor, Tensor]:
+    """(loss, accuracy) from the (lse, lost, max, argmax) of a.b_all, b.a_all, a.a_all, b.b_all."""
+    positive = (a * b).sum(dim=1) * scale  # (n,)
+    loss_a = row_losses(*merge(ab[0], ab[1], aa[0], aa[1]), positive).mean()
+    loss_b = row_losses(*merge(ba[0], ba[1], bb[0], bb[1]), positive).mean()
+    # The reference's top-1 runs over [a.b_all | a.a_all]: a tie goes to the first half.
+    correct = (ab[3] == torch.arange(a.shape[0], device=a.device) + offset) & (ab[2] >= aa[2])
+    return (loss_a + loss_b) / 2, accuracy(correct)
+
+
+def clip_from_rows(rows: RowsLSE, x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, logit_scale: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    """CLIP over this rank's rows from row log-sum-exps of its two strips (any world size)."""
+    i2t, t2i = rows(x, y_all, logit_scale), rows(y, x_all, logit_scale)
+    return _clip_loss(x, y, logit_scale, offset, i2t[:2], t2i[:2], i2t[3])
+
+
+def simclr_from_rows(rows: RowsLSE, a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, temperature: float, offset: int) -> tuple[Tensor, Tensor]:
+    """NT-Xent over this rank's rows from row log-sum-exps of its four strips (any world size)."""
+    scale = torch.tensor([1.0 / temperature], dtype=a.dtype, device=a.device)
+    ab, ba = rows(a, b_all, scale), rows(b, a_all, scale)
+    aa, bb = rows(a, a_all, scale, mask_offset=offset), rows(b, b_all, scale, mask_offset=offset)
+    return _simclr_loss(a, b, scale, offset, ab, ba, aa, bb)
+
+
 def clip(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, logit_scale: Tensor, offset: int) -> tuple[Tensor, Tensor]:
     """CLIP InfoNCE over this rank's rows, as reference.clip, without the logits."""
-    b = x.shape[0]
-    pos = torch.arange(b, device=x.device) + offset  # (b,)
-    positive = logit_scale * (x * y).sum(dim=1)  # (b,) the matching pairs are both local
     if x_all is x and y_all is y:  # one process: text-to-image rows are this matrix's columns
         i2t, i2t_lost, t2i, t2i_lost, _, arg = tiled_lse(x, y, logit_scale, cols=True)
-    else:
-        i2t, i2t_lost, _, _, _, arg = tiled_lse(x, y_all, logit_scale)
-        t2i, t2i_lost, _, _, _, _ = tiled_lse(y, x_all, logit_scale)
-    loss = (row_losses(i2t, i2t_lost, positive).mean() + row_losses(t2i, t2i_lost, positive).mean()) / 2
-    return loss, accuracy(arg == pos)
+        return _clip_loss(x, y, logit_scale, offset, (i2t, i2t_lost), (t2i, t2i_lost), arg)
+    return clip_from_rows(_rows, x, y, x_all, y_all, logit_scale, offset)
 
 
 def simclr(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, temperature: float, offset: int) -> tuple[Tensor, Tensor]:
     """NT-Xent as reference.simclr: view-a rows score b_all and a_all (own entry left out)."""
-    n = a.shape[0]
+    if not (a_all is a and b_all is b):
+        return simclr_from_rows(_rows, a, b, a_all, b_all, temperature, offset)
+    # One process: b-rows against a are the columns of a . b^T, and a . a^T is symmetric,
+    # so half its tiles suffice.
     scale = torch.tensor([1.0 / temperature], dtype=a.dtype, device=a.device)
-    positive = (a * b).sum(dim=1) * scale  # (n,)
-    if a_all is a and b_all is b:  # one process: b-rows against a are the columns of a . b^T
-        ab, ab_lost, ba, ba_lost, ab_max, ab_arg = tiled_lse(a, b, scale, cols=True)
-        # a . a^T is symmetric: half its tiles suffice
-        aa, aa_lost, aa_max = _SymmetricTiledLSE.apply(a, scale, ROWS)
-        bb, bb_lost, _ = _SymmetricTiledLSE.apply(b, scale, ROWS)
-    else:
-        ab, ab_lost, _, _, ab_max, ab_arg = tiled_lse(a, b_all, scale)
-        ba, ba_lost, _, _, _, _ = tiled_lse(b, a_all, scale)
-        aa, aa_lost, _, _, aa_max, _ = tiled_lse(a, a_all, scale, mask_offset=offset)
-        bb, bb_lost, _, _, _, _ = tiled_lse(b, b_all, scale, mask_offset=offset)
-    loss_a = row_losses(*merge(ab, ab_lost, aa, aa_lost), positive).mean()
-    loss_b = row_losses(*merge(ba, ba_lost, bb, bb_lost), positive).mean()
-    loss = (loss_a + loss_b) / 2
-    # The reference's top-1 runs over [a.b_all | a.a_all]: a tie goes to the first half.
-    correct = (ab_arg == torch.arange(n, device=a.device) + offset) & (ab_max >= aa_max)
-    return loss, accuracy(correct)
+    ab, ab_lost, ba, ba_lost, ab_max, ab_arg = tiled_lse(a, b, scale, cols=True)
+    aa = _SymmetricTiledLSE.apply(a, scale, ROWS)  # (lse, lost, max)
+    bb = _SymmetricTiledLSE.apply(b, scale, ROWS)
+    return _simclr_loss(a, b, scale, offset, (ab, ab_lost, ab_max, ab_arg), (ba, ba_lost), aa, bb)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunked import NO_MASK, accuracy, merge, row_losses
+from .chunked import NO_MASK, clip_from_rows, simclr_from_rows
 from .reference import SELF_MASK_LOGIT
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32
@@ -177,24 +177,9 @@ def tiled_lse(p: Tensor, q: Tensor, scale: Tensor, *, mask_offset: int | None = 
 
 def clip(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, logit_scale: Tensor, offset: int) -> tuple[Tensor, Tensor]:
     """CLIP InfoNCE over this rank's rows, as reference.clip, in fused kernels."""
-    b = x.shape[0]
-    positive = (logit_scale * (x * y).sum(dim=1)).float()  # (b,)
-    i2t, i2t_lost, _, arg = tiled_lse(x, y_all, logit_scale)
-    t2i, t2i_lost, _, _ = tiled_lse(y, x_all, logit_scale)
-    loss = (row_losses(i2t, i2t_lost, positive).mean() + row_losses(t2i, t2i_lost, positive).mean()) / 2
-    return loss.to(x.dtype), accuracy(arg == torch.arange(b, device=x.device) + offset)
+    return clip_from_rows(tiled_lse, x, y, x_all, y_all, logit_scale, offset)
 
 
 def simclr(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, temperature: float, offset: int) -> tuple[Tensor, Tensor]:
     """NT-Xent as reference.simclr, in fused kernels."""
-    n = a.shape[0]
-    scale = torch.tensor([1.0 / temperature], dtype=torch.float32, device=a.device)
-    positive = ((a * b).sum(dim=1) * scale).float()  # (n,)
-    ab, ab_lost, ab_max, ab_arg = tiled_lse(a, b_all, scale)
-    ba, ba_lost, _, _ = tiled_lse(b, a_all, scale)
-    aa, aa_lost, aa_max, _ = tiled_lse(a, a_all, scale, mask_offset=offset)
-    bb, bb_lost, _, _ = tiled_lse(b, b_all, scale, mask_offset=offset)
-    loss_a = row_losses(*merge(ab, ab_lost, aa, aa_lost), positive).mean()
-    loss_b = row_losses(*merge(ba, ba_lost, bb, bb_lost), positive).mean()
-    correct = (ab_arg == torch.arange(n, device=a.device) + offset) & (ab_max >= aa_max)
-    return ((loss_a + loss_b) / 2).to(a.dtype), accuracy(correct)
+    return simclr_from_rows(tiled_lse, a, b, a_all, b_all, temperature, offset)
