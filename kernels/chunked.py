@@ -14,7 +14,9 @@ The losses are composed from it with ordinary autograd:
   entry) - a_i . b_pos / t; view b likewise, again from the same tiles in one process.
 
 Same contract as kernels/reference.py: normalised embeddings in the compute dtype, this
-rank's rows and every rank's candidates, `offset` = rank * b.
+rank's rows and every rank's candidates, `offset` = rank * b. The composition below
+(clip_from_rows, simclr_from_rows) also serves the triton backend, whose embeddings may be
+bf16 unit vectors: every per-row value (positive, scale, loss) is then computed in fp32.
 """
 from __future__ import annotations
 
@@ -205,32 +207,61 @@ def merge(lse_1: Tensor, lost_1: Tensor, lse_2: Tensor, lost_2: Tensor) -> tuple
     return lse, lost
 
 
+def row_dtype(embeds: Tensor) -> torch.dtype:
+    """The dtype of per-row values (positives, scales, log-sum-exps) for embeddings of
+    embeds' dtype: at least fp32, so bf16 unit vectors keep the loss's digits."""
+    return torch.promote_types(torch.float32, embeds.dtype)
+
+
+def positives(p: Tensor, q: Tensor) -> Tensor:
+    """p_i . q_i for each row of p, q: [n, d], in row_dtype: the product of two bf16 values
+    is exact in fp32, where a bf16 product and sum would keep 8 bits of it."""
+    dtype = row_dtype(p)
+    return (p.to(dtype) * q.to(dtype)).sum(dim=1)  # (n,)
+
+
 def accuracy(correct: Tensor) -> Tensor:
     """Top-1 in percent from a [b] bool, as reference._top1 computes it."""
     return correct.float().mean().mul(100).detach()
 
 
-RowsLSE = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
-"""(p, q, scale, *, mask_offset=None) -> (row_lse, row_lost, row_max, row_argmax), as tiled_lse's rows."""
+RowsLSE = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]]
+"""(p, q, scale, *, mask_offset=None, positive_offset=None) -> (row_lse, row_lost, row_max,
+row_argmax, positive), the first four as tiled_lse's rows. positive: scale * p_i . q_{i + k}
+for positive_offset k, from a kernel that forms the positive's gradient together with the
+softmax's (the triton kernels, whose embeddings may be bf16), or None: the caller computes
+it from the local rows."""
 
 
-def _rows(p: Tensor, q: Tensor, scale: Tensor, *, mask_offset: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _rows(
+    p: Tensor, q: Tensor, scale: Tensor, *, mask_offset: int | None = None, positive_offset: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
     lse, lost, _, _, row_max, arg = tiled_lse(p, q, scale, mask_offset=mask_offset)
-    return lse, lost, row_max, arg
+    return lse, lost, row_max, arg, None  # fp32 or fp64 rows: the caller's positive loses nothing
 
 
-def _clip_loss(x: Tensor, y: Tensor, logit_scale: Tensor, offset: int, i2t: tuple, t2i: tuple, arg: Tensor) -> tuple[Tensor, Tensor]:
-    """(loss, accuracy) from the (lse, lost) of both directions and the image rows' argmax."""
-    positive = logit_scale * (x * y).sum(dim=1)  # (b,) the matching pairs are both local
-    loss = (row_losses(*i2t, positive).mean() + row_losses(*t2i, positive).mean()) / 2
+def _clip_loss(
+    x: Tensor, y: Tensor, logit_scale: Tensor, offset: int, i2t: tuple, t2i: tuple, arg: Tensor, kernel_positives: tuple = (None, None)
+) -> tuple[Tensor, Tensor]:
+    """(loss, accuracy) from the (lse, lost) of both directions and the image rows' argmax;
+    kernel_positives: both directions' positive logits where the row kernel computed them."""
+    pos_i2t, pos_t2i = kernel_positives
+    if pos_i2t is None or pos_t2i is None:
+        pos_i2t = pos_t2i = logit_scale * positives(x, y)  # (b,) the matching pairs are both local
+    loss = (row_losses(*i2t, pos_i2t).mean() + row_losses(*t2i, pos_t2i).mean()) / 2
     return loss, accuracy(arg == torch.arange(x.shape[0], device=x.device) + offset)
 
 
-def _simclr_loss(a: Tensor, b: Tensor, scale: Tensor, offset: int, ab: tuple, ba: tuple, aa: tuple, bb: tuple) -> tuple[Tensor, Tensor]:
-    """(loss, accuracy) from the (lse, lost, max, argmax) of a.b_all, b.a_all, a.a_all, b.b_all."""
-    positive = (a * b).sum(dim=1) * scale  # (n,)
-    loss_a = row_losses(*merge(ab[0], ab[1], aa[0], aa[1]), positive).mean()
-    loss_b = row_losses(*merge(ba[0], ba[1], bb[0], bb[1]), positive).mean()
+def _simclr_loss(
+    a: Tensor, b: Tensor, scale: Tensor, offset: int, ab: tuple, ba: tuple, aa: tuple, bb: tuple, kernel_positives: tuple = (None, None)
+) -> tuple[Tensor, Tensor]:
+    """(loss, accuracy) from the (lse, lost, max, argmax) of a.b_all, b.a_all, a.a_all, b.b_all;
+    kernel_positives: the view-a and view-b rows' positive logits where the kernel computed them."""
+    pos_a, pos_b = kernel_positives
+    if pos_a is None or pos_b is None:
+        pos_a = pos_b = positives(a, b) * scale  # (n,)
+    loss_a = row_losses(*merge(ab[0], ab[1], aa[0], aa[1]), pos_a).mean()
+    loss_b = row_losses(*merge(ba[0], ba[1], bb[0], bb[1]), pos_b).mean()
     # The reference's top-1 runs over [a.b_all | a.a_all]: a tie goes to the first half.
     correct = (ab[3] == torch.arange(a.shape[0], device=a.device) + offset) & (ab[2] >= aa[2])
     return (loss_a + loss_b) / 2, accuracy(correct)
@@ -238,16 +269,17 @@ def _simclr_loss(a: Tensor, b: Tensor, scale: Tensor, offset: int, ab: tuple, ba
 
 def clip_from_rows(rows: RowsLSE, x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, logit_scale: Tensor, offset: int) -> tuple[Tensor, Tensor]:
     """CLIP over this rank's rows from row log-sum-exps of its two strips (any world size)."""
-    i2t, t2i = rows(x, y_all, logit_scale), rows(y, x_all, logit_scale)
-    return _clip_loss(x, y, logit_scale, offset, i2t[:2], t2i[:2], i2t[3])
+    i2t = rows(x, y_all, logit_scale, positive_offset=offset)  # the positive of row i is candidate offset + i
+    t2i = rows(y, x_all, logit_scale, positive_offset=offset)
+    return _clip_loss(x, y, logit_scale, offset, i2t[:2], t2i[:2], i2t[3], (i2t[4], t2i[4]))
 
 
 def simclr_from_rows(rows: RowsLSE, a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, temperature: float, offset: int) -> tuple[Tensor, Tensor]:
     """NT-Xent over this rank's rows from row log-sum-exps of its four strips (any world size)."""
-    scale = torch.tensor([1.0 / temperature], dtype=a.dtype, device=a.device)
-    ab, ba = rows(a, b_all, scale), rows(b, a_all, scale)
+    scale = torch.tensor([1.0 / temperature], dtype=row_dtype(a), device=a.device)
+    ab, ba = rows(a, b_all, scale, positive_offset=offset), rows(b, a_all, scale, positive_offset=offset)
     aa, bb = rows(a, a_all, scale, mask_offset=offset), rows(b, b_all, scale, mask_offset=offset)
-    return _simclr_loss(a, b, scale, offset, ab, ba, aa, bb)
+    return _simclr_loss(a, b, scale, offset, ab, ba, aa, bb, (ab[4], ba[4]))
 
 
 def clip(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, logit_scale: Tensor, offset: int) -> tuple[Tensor, Tensor]:
@@ -264,7 +296,7 @@ def simclr(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, temperature: floa
         return simclr_from_rows(_rows, a, b, a_all, b_all, temperature, offset)
     # One process: b-rows against a are the columns of a . b^T, and a . a^T is symmetric,
     # so half its tiles suffice.
-    scale = torch.tensor([1.0 / temperature], dtype=a.dtype, device=a.device)
+    scale = torch.tensor([1.0 / temperature], dtype=row_dtype(a), device=a.device)
     ab, ab_lost, ba, ba_lost, ab_max, ab_arg = tiled_lse(a, b, scale, cols=True)
     aa = _SymmetricTiledLSE.apply(a, scale, ROWS)  # (lse, lost, max)
     bb = _SymmetricTiledLSE.apply(b, scale, ROWS)

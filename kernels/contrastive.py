@@ -23,22 +23,31 @@ from . import chunked, collectives, reference
 
 
 class Backend(NamedTuple):
-    """Row kernels with the signatures of kernels/reference.py's `clip` and `simclr`."""
+    """Row kernels with the signatures of kernels/reference.py's `clip` and `simclr`.
+
+    bf16_products: given bf16 embeddings, the kernels take bf16 unit vectors (normalised in
+    fp32, then rounded): the all-gather moves half the bytes and the tile products run
+    bf16 x bf16 with fp32 accumulation, while every per-row value stays fp32. Otherwise
+    (and for fp32 or fp64 embeddings) they take the fp32 (fp64) unit vectors.
+    """
 
     clip: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int], tuple[Tensor, Tensor]]
     simclr: Callable[[Tensor, Tensor, Tensor, Tensor, float, int], tuple[Tensor, Tensor]]
+    bf16_products: bool = False
 
 
 def _triton() -> Backend:
     # Imported on first use: Triton is only needed when the backend is chosen.
     from . import triton_lse
 
-    return Backend(clip=triton_lse.clip, simclr=triton_lse.simclr)
+    # bf16 tensor-core dots are what makes the fused kernels fast; fp32 runs as TF32x3.
+    return Backend(clip=triton_lse.clip, simclr=triton_lse.simclr, bf16_products=True)
 
 
 _REGISTRY: dict[str, Backend | Callable[[], Backend]] = {
-    "reference": Backend(clip=reference.clip, simclr=reference.simclr),
-    "chunked": Backend(clip=chunked.clip, simclr=chunked.simclr),
+    # The oracle, and torch tiles whose bf16 matmuls on the CPU would be slow and less exact.
+    "reference": Backend(clip=reference.clip, simclr=reference.simclr, bf16_products=False),
+    "chunked": Backend(clip=chunked.clip, simclr=chunked.simclr, bf16_products=False),
     "triton": _triton,
 }
 BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
@@ -55,9 +64,11 @@ def _backend(name: str) -> Backend:
     return impl
 
 
-def _normalise(*embeds: Tensor) -> list[Tensor]:
-    """L2-normalise [b, d] embeddings in at least fp32 (bf16 dot products of unit vectors
-    lose the digits the loss lives on); fp64 stays fp64 so gradcheck works."""
+def _normalise(impl: Backend, *embeds: Tensor) -> list[Tensor]:
+    """L2-normalise [b, d] embeddings in at least fp32 (a bf16 norm, or bf16 sums of
+    products, lose the digits the loss lives on); fp64 stays fp64 so gradcheck works.
+    bf16 embeddings come back as bf16 unit vectors for a backend with bf16_products, whose
+    kernels multiply them exactly into fp32; the gradient flows back through the rounding."""
     b = embeds[0].shape[0]
     for e in embeds:
         if e.dim() != 2 or e.shape[0] != b:
@@ -66,7 +77,10 @@ def _normalise(*embeds: Tensor) -> list[Tensor]:
     dtype = torch.promote_types(torch.float32, embeds[0].dtype)
     for e in embeds[1:]:
         dtype = torch.promote_types(dtype, e.dtype)
-    return [F.normalize(e.to(dtype), dim=-1) for e in embeds]  # each (b, d_k)
+    units = [F.normalize(e.to(dtype), dim=-1) for e in embeds]  # each (b, d_k)
+    if impl.bf16_products and all(e.dtype == torch.bfloat16 for e in embeds):
+        units = [u.to(torch.bfloat16) for u in units]
+    return units
 
 
 def clip_loss(
@@ -82,9 +96,9 @@ def clip_loss(
     Returns {"loss", "clip_loss", "clip_acc"} (acc: image-to-text top-1, percent)."""
     impl = _backend(backend)
     rank, _ = collectives.rank_and_world(group)
-    x, y = _normalise(image_embed, text_embed)  # (b, d) each
+    x, y = _normalise(impl, image_embed, text_embed)  # (b, d) each
     x_all, y_all = collectives.gather_all([x, y], group)  # (B, d) each
-    loss, acc = impl.clip(x, y, x_all, y_all, logit_scale.to(x.dtype), rank * x.shape[0])
+    loss, acc = impl.clip(x, y, x_all, y_all, logit_scale.to(chunked.row_dtype(x)), rank * x.shape[0])
     return {"loss": loss, "clip_loss": loss, "clip_acc": acc}
 
 
@@ -101,7 +115,7 @@ def simclr_loss(
         raise ValueError(f"temperature must be positive, got {temperature}")
     impl = _backend(backend)
     rank, _ = collectives.rank_and_world(group)
-    a, b = _normalise(z1, z2)  # (b, d) each
+    a, b = _normalise(impl, z1, z2)  # (b, d) each
     a_all, b_all = collectives.gather_all([a, b], group)  # (B, d) each
     loss, acc = impl.simclr(a, b, a_all, b_all, float(temperature), rank * a.shape[0])
     return {"loss": loss, "ssl_loss": loss, "ssl_acc": acc}
@@ -125,10 +139,10 @@ def slip_loss(
         raise ValueError(f"ssl_temp must be positive, got {ssl_temp}")
     impl = _backend(backend)
     rank, _ = collectives.rank_and_world(group)
-    x, y, a, b = _normalise(image_embed, text_embed, aug1_embed, aug2_embed)  # (b, d_k) each
+    x, y, a, b = _normalise(impl, image_embed, text_embed, aug1_embed, aug2_embed)  # (b, d_k) each
     x_all, y_all, a_all, b_all = collectives.gather_all([x, y, a, b], group)  # (B, d_k) each
     offset = rank * x.shape[0]
-    clip, clip_acc = impl.clip(x, y, x_all, y_all, logit_scale.to(x.dtype), offset)
+    clip, clip_acc = impl.clip(x, y, x_all, y_all, logit_scale.to(chunked.row_dtype(x)), offset)
     ssl, ssl_acc = impl.simclr(a, b, a_all, b_all, float(ssl_temp), offset)
     return {
         "loss": clip + ssl_scale * ssl,

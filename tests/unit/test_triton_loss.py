@@ -7,20 +7,37 @@ above one block of the embedding dimension.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
-from kernels import contrastive
+from kernels import contrastive, reference, triton_lse
 
 PARTS = ("loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc")
+SSL_SCALE = 0.7
 
 
-def _run(backend: str, emb: dict[str, torch.Tensor], scale: float, temp: float) -> tuple[dict, dict]:
+def _run(backend, emb: dict[str, torch.Tensor], scale: float, temp: float) -> tuple[dict, dict]:
+    """(loss parts, gradients) of SLIP through the API with `backend` (a name) or through
+    `backend(leaves, logit_scale, temp)` (an oracle)."""
     leaves = {k: v.clone().requires_grad_(True) for k, v in emb.items()}
     s = torch.tensor([scale], dtype=emb["image"].dtype if emb["image"].dtype != torch.bfloat16 else torch.float32)
     s.requires_grad_(True)
-    out = contrastive.slip_loss(leaves["image"], leaves["text"], s, leaves["aug1"], leaves["aug2"],
-                                ssl_scale=0.7, ssl_temp=temp, backend=backend)  # fmt: skip
+    if callable(backend):
+        out = backend(leaves, s, temp)
+    else:
+        out = contrastive.slip_loss(leaves["image"], leaves["text"], s, leaves["aug1"], leaves["aug2"],
+                                    ssl_scale=SSL_SCALE, ssl_temp=temp, backend=backend)  # fmt: skip
     out["loss"].backward()
     return {k: out[k].detach() for k in PARTS}, {**{k: v.grad for k, v in leaves.items()}, "logit_scale": s.grad}
+
+
+def _oracle_on_bf16_units(leaves: dict[str, torch.Tensor], s: torch.Tensor, temp: float) -> dict[str, torch.Tensor]:
+    """The reference backend in fp32 on the unit vectors the triton backend gets from bf16
+    embeddings: normalised in fp32, rounded to bf16. Products of bf16 values are exact in
+    fp32, so only the order of the sums differs from the kernels'."""
+    x, y, a, b = (F.normalize(leaves[k].float(), dim=-1).bfloat16().float() for k in ("image", "text", "aug1", "aug2"))
+    clip, clip_acc = reference.clip(x, y, x, y, s, 0)
+    ssl, ssl_acc = reference.simclr(a, b, a, b, temp, 0)
+    return {"loss": clip + SSL_SCALE * ssl, "clip_loss": clip, "ssl_loss": ssl, "clip_acc": clip_acc, "ssl_acc": ssl_acc}
 
 
 def _embeddings(b: int, d: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
@@ -48,15 +65,66 @@ def test_matches_reference_in_fp32(b: int, d: int, scale: float, temp: float) ->
     _close(grads, want_grads, 1e-5)
 
 
-@pytest.mark.parametrize(("dtype", "grad_rtol"), [(torch.float64, 1e-5), (torch.bfloat16, 2e-2)])
-def test_fp64_and_bf16_inputs(dtype: torch.dtype, grad_rtol: float) -> None:
-    # Both are computed in fp32; the gradients come back in the inputs' dtype (bf16: 8 bits).
-    emb = _embeddings(33, 16, dtype, seed=7)
+def test_fp64_inputs_run_in_fp32() -> None:
+    # The loss and the gradients come back in the inputs' dtype.
+    emb = _embeddings(33, 16, torch.float64, seed=7)
     want_parts, want_grads = _run("reference", emb, 20.0, 0.2)
     parts, grads = _run("triton", emb, 20.0, 0.2)
-    assert grads["image"].dtype == dtype
+    assert parts["loss"].dtype == grads["image"].dtype == torch.float64
     _close(parts, want_parts, 1e-5)
-    _close(grads, want_grads, grad_rtol)
+    _close(grads, want_grads, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("b", "d", "scale", "temp"),
+    [(33, 16, 20.0, 0.2), (70, 40, 100.0, 0.07), (40, 16, 14.3, 0.1), (5, 40, 1.0, 1.0)],
+)
+def test_bf16_inputs_reach_the_kernels_as_bf16_unit_vectors(b: int, d: int, scale: float, temp: float, monkeypatch) -> None:
+    seen = []
+
+    def spy(p, q, s, **kwargs):
+        out = tiled_lse(p, q, s, **kwargs)
+        seen.append((p.dtype, q.dtype, s.dtype, *(t.dtype for t in out if t is not None)))
+        return out
+
+    tiled_lse = triton_lse.tiled_lse
+    monkeypatch.setattr(triton_lse, "tiled_lse", spy)
+    emb = _embeddings(b, d, torch.bfloat16, seed=b + d)
+    parts, grads = _run("triton", emb, scale, temp)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    # Two clip strips and four SimCLR strips; scale, lse, lost, max, positive fp32, argmax int64.
+    assert len(seen) == 6 and set(seen) <= {(bf16, bf16, fp32, fp32, fp32, fp32, torch.int64, fp32), (bf16, bf16, fp32, fp32, fp32, fp32, torch.int64)}
+    assert all(g.dtype == bf16 for k, g in grads.items() if k != "logit_scale") and grads["logit_scale"].dtype == fp32
+
+    # Against the oracle on the same bf16 unit vectors: the loss's digits are all there, the
+    # top-1 is the same; the gradients differ by bf16 roundings of theirs.
+    want_parts, want_grads = _run(_oracle_on_bf16_units, emb, scale, temp)
+    _close(parts, want_parts, 1e-5)
+    _close(grads, want_grads, 2e-2)
+
+    # Against the reference on the unrounded (fp32) unit vectors: within bf16's precision.
+    ref_parts, ref_grads = _run("reference", emb, scale, temp)
+    losses = ("loss", "clip_loss", "ssl_loss")
+    _close({k: parts[k] for k in losses}, {k: ref_parts[k] for k in losses}, 1e-2)
+    _close(grads, ref_grads, 3e-2)
+
+
+def test_bf16_gradients_keep_their_digits_when_the_positives_dominate() -> None:
+    # Trained-like views: each row's positive holds nearly all the softmax, so d loss / d logit
+    # = softmax - one-hot is a small difference of two near-ones. Formed in fp32 inside the
+    # kernel it is good to fp32; summed only after each part's bf16 rounding, it would be
+    # wrong by more than its own size.
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(40, 16, generator=g)  # (b, d)
+    near = {k: base + 0.15 * torch.randn(40, 16, generator=g) for k in ("image", "text", "aug1", "aug2")}
+    emb = {k: v.bfloat16() for k, v in near.items()}
+    want_parts, want_grads = _run(_oracle_on_bf16_units, emb, 30.0, 0.1)
+    parts, grads = _run("triton", emb, 30.0, 0.1)
+    assert want_parts["clip_acc"] == 100 and want_parts["ssl_acc"] == 100 and want_parts["loss"] < 0.1
+    _close(parts, want_parts, 1e-5)
+    for k in ("image", "text", "aug1", "aug2"):
+        err = (grads[k].double() - want_grads[k].double()).norm() / want_grads[k].double().norm()
+        assert err < 3e-2, (k, err.item())
 
 
 def test_ties_and_the_masked_self_like_the_reference() -> None:
