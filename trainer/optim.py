@@ -17,7 +17,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    *,
+    device: str = "cpu",
+) -> torch.optim.Optimizer:
+    """adamw: torch's AdamW. lamb: DeepSpeed's fused CUDA LAMB on "cuda", else its torch twin `trainer.lamb.Lamb`."""
     if name == "adamw":
         return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    if name == "lamb":
+        if torch.device(device).type == "cuda":
+            from deepspeed.ops.lamb import FusedLamb  # JIT-builds the CUDA op on first use
+
+            return FusedLamb(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+        from trainer.lamb import Lamb
+
+        return Lamb(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
     raise ValueError(f"unknown optimizer '{name}'")
