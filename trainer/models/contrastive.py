@@ -81,20 +81,60 @@ class ContrastiveModel(nn.Module):
             return list(self.visual(torch.cat(views)).split([v.shape[0] for v in views]))
         return [self.visual(v) for v in views]
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block of both towers in backward instead of keeping its
+        activations: about one block's activations per tower instead of all of them, for
+        roughly one extra forward of the towers. The heads are small and are not checkpointed."""
+        self.visual.set_grad_checkpointing(enable)
+        if self.parts.text:
+            self.text.set_grad_checkpointing(enable)
+
     def forward(
         self,
         image: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         aug1: torch.Tensor | None = None,
         aug2: torch.Tensor | None = None,
+        *,
+        stage: str = "all",
+        features: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """stage "all": inputs -> embeddings. "towers": inputs -> tower features
+        {"image", "aug1", "aug2": [b, vision_width], "text": [b, text_width]} (those given).
+        "heads": `features=` such a dict -> embeddings; "all" is heads(towers(...)).
+
+        The stages are selected here rather than by calling submodules because DeepSpeed
+        ZeRO-3 gathers a module's own parameters (image_projection, logit_scale) only in the
+        hooks of the module that is called: a split forward must still enter this one."""
+        if stage == "towers":
+            return self._towers(image, text, aug1, aug2)
+        if stage == "heads":
+            if features is None:
+                raise ValueError("stage 'heads' needs features=, the output of stage 'towers'")
+            return self._heads(features)
+        if stage != "all":
+            raise ValueError(f"unknown stage {stage!r}; known: all, towers, heads")
+        return self._heads(self._towers(image, text, aug1, aug2))
+
+    def _towers(
+        self,
+        image: torch.Tensor | None,
+        text: torch.Tensor | None,
+        aug1: torch.Tensor | None,
+        aug2: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
         names = [n for n, v in (("image", image), ("aug1", aug1), ("aug2", aug2)) if v is not None]
-        feats = dict(zip(names, self._vision_features([v for v in (image, aug1, aug2) if v is not None])))
+        feats = dict(zip(names, self._vision_features([v for v in (image, aug1, aug2) if v is not None])))  # each (b, vision_width)
+        if text is not None:
+            feats["text"] = self.text(text)  # (b, text_width)
+        return feats
+
+    def _heads(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if "image" in feats:
             out["image_embed"] = feats["image"] @ self.image_projection  # (b, embed_dim)
-        if text is not None:
-            out["text_embed"] = self.encode_text(text)  # (b, embed_dim)
+        if "text" in feats:
+            out["text_embed"] = feats["text"] @ self.text_projection  # (b, embed_dim)
         if self.parts.clip:
             # Clamped here rather than in place after the step: under bf16 or ZeRO the module's
             # parameter is a copy (or a shard) that the optimizer's fp32 master overwrites.

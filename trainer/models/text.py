@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class QuickGELU(nn.Module):
@@ -33,10 +34,15 @@ class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int) -> None:
         super().__init__()
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Checkpointing only pays when a backward will follow; in eval or under no_grad it
+        # would only add overhead. Non-reentrant: unlike the reentrant variant it is correct
+        # when the block's input needs no grad, and under torch.autograd.grad.
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.resblocks:
-            x = block(x, mask)
+            x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
         return x
 
 
@@ -54,6 +60,10 @@ class TextTransformer(nn.Module):
         causal = torch.full((context_length, context_length), float("-inf")).triu_(1)  # (L, L)
         self.register_buffer("causal_mask", causal, persistent=False)
         self._init_weights(layers)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each residual block in backward instead of storing its activations."""
+        self.transformer.grad_checkpointing = enable
 
     def _init_weights(self, layers: int) -> None:
         # CLIP's initialisation: residual projections scaled down with depth.
