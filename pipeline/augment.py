@@ -165,13 +165,16 @@ def three_view_pipeline(
     seed: int = 0,
     prefetch: int = 2,
     source_workers: int = 0,
+    checkpoint: bytes | None = None,
 ) -> Pipeline:
     """A built pipeline whose outputs are (index, *views) for the views asked for.
 
     `source(batch_info)` returns (list of encoded JPEG arrays, int64 [b, 1] indices); the
     index rides through DALI so that host-side fields stay aligned with prefetching. With
     `source_workers` > 0 it runs in that many spawned processes (DALI's parallel external
-    source), which then read ahead of the decoder; it must be picklable.
+    source), which then read ahead of the decoder; it must be picklable. `checkpoint` is what
+    `Pipeline.checkpoint()` returned: the new pipeline continues that one's random draws and
+    iteration count exactly.
     """
     unknown = set(views) - set(VIEWS)
     if unknown or not views:
@@ -201,6 +204,9 @@ def three_view_pipeline(
         # The dynamic executor never reuses an output buffer that something still references,
         # so the loader can hand DALI's memory to torch without a copy.
         exec_dynamic=True,
+        # Random states ride in checkpoints, so a resumed run draws what the straight run drew.
+        enable_checkpointing=True,
+        checkpoint=checkpoint,
         # Spawned, not forked: the parent may hold CUDA, DALI and torch threads by now.
         **({"py_num_workers": source_workers, "py_start_method": "spawn"} if source_workers > 0 else {}),
     )

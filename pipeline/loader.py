@@ -14,12 +14,19 @@ matter. Bytes that pass the check but still make DALI's decoder fail are found b
 the batches in flight one by one with the same decoder, marked, and the pipeline is rebuilt
 at the same step.
 
-DALI's random draws are seeded from (seed, the step the pipeline starts at): a run resumed
-at step k draws afresh rather than repeating the draws of step 0.
+Resuming is exact: `state()` after step k holds DALI's own checkpoint (its random states
+and iteration count, prefetching accounted for) and the step its pipeline started at; a
+loader built with that state hands out the batches the uninterrupted loader would have,
+bit for bit. Without a state (a new run, or a resume on another number of ranks) DALI's
+draws are seeded from (seed, start step), so a run started at step k does not repeat the
+draws of step 0.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -58,6 +65,22 @@ def dali_decodes(jpegs: list[np.ndarray]) -> list[bool]:
     return results
 
 
+@contextlib.contextmanager
+def _workers_ignore_stop_signals(spawning: bool) -> Iterator[None]:
+    """Source workers started in here inherit SIGINT and SIGTERM ignored (an ignored signal
+    stays ignored across exec). A launcher that signals a rank's whole process tree must not
+    kill them while the rank finishes its step and checkpoints; they exit with the rank."""
+    if not spawning or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def pipeline_seed(seed: int, start_step: int) -> int:
     return int(np.random.SeedSequence([seed, start_step]).generate_state(1)[0] >> 1)  # DALI wants a non-negative int32
 
@@ -78,6 +101,7 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         source_workers: int = 0,
         seed: int = 0,
         start_step: int = 0,
+        state: dict | None = None,
     ) -> None:
         self.dataset, self.sampler, self.text = dataset, sampler, text
         self.views = tuple(v for v in VIEWS if v in views)  # the graph emits them in VIEWS order
@@ -89,10 +113,32 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         # This process's record of unreadable samples; source workers get a pickled copy.
         self.source = BatchSource(dataset, sampler, start_step)
         self._logged: set[int] = set()
-        self.pipe = self._build(start_step)
+        if state is not None:
+            # Samples only DALI's decoder rejects are not found by the structural check again:
+            # they would fail the pipeline and rebuild it with other draws than the first run's.
+            self.source.mark([int(i) for i in state["undecodable"]], UNDECODABLE)
+            # The checkpointed pipeline counts its iterations from the step it was built at.
+            self.pipe = self._build(int(state["origin"]), checkpoint=bytes(state["dali"]))
+        else:
+            self.pipe = self._build(start_step)
 
-    def _build(self, start_step: int) -> Pipeline:
-        self.source.start_step = start_step
+    def state(self) -> dict:
+        """What a loader needs to continue exactly after the batches handed out so far."""
+        undecodable = [i for i, reason in self.source.unreadable.items() if reason == REASON_NAMES[UNDECODABLE]]
+        return {"origin": self.origin, "dali": self.pipe.checkpoint(), "undecodable": undecodable}
+
+    def close(self) -> None:
+        """Stop DALI's threads and source worker processes now rather than at garbage collection."""
+        if self.pipe is not None:
+            self.pipe._shutdown()
+            self.pipe = None
+
+    def _build(self, start_step: int, checkpoint: bytes | None = None) -> Pipeline:
+        self.source.start_step = self.origin = start_step
+        with _workers_ignore_stop_signals(self.source_workers > 0):
+            return self._pipeline(start_step, checkpoint)
+
+    def _pipeline(self, start_step: int, checkpoint: bytes | None) -> Pipeline:
         return three_view_pipeline(
             self.source,
             self.views,
@@ -104,6 +150,7 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
             seed=pipeline_seed(self.seed, start_step),
             prefetch=self.prefetch,
             source_workers=self.source_workers,
+            checkpoint=checkpoint,
         )
 
     @property

@@ -53,3 +53,14 @@ def make_shapes_beton():
         return root / "beton"
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_stay_put():
+    """Importing ffcv sets torch's thread count to 1 for the whole process; a test that imports
+    it must not make later in-process training slower, or numerically unlike a subprocess's."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -28,13 +28,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
-    from trainer.loop import train
+    from trainer.loop import TrainingStopped, train
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.train:
         raise ValueError("config: data.train is empty; set it to a directory written by `slip convert`")
-    result = train(cfg)
-    print(f"trained {result.steps} steps; run directory: {result.run_dir}")
+    try:
+        result = train(cfg)
+    except TrainingStopped as stopped:
+        print(f"slip: stopped: {stopped}", file=sys.stderr)
+        return 3
+    if not result.dist.is_main:
+        return 0
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    if result.stopped_by_signal:
+        print(f"stopped by a signal at step {result.steps}{resumed}, checkpoint written; run again to resume: {result.run_dir}")
+    else:
+        print(f"trained to step {result.steps}{resumed}; run directory: {result.run_dir}")
     return 0
 
 
@@ -168,6 +178,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import export_run, read_weights
+
+    out = export_run(Path(args.run), Path(args.out))
+    state, _ = read_weights(out)  # read back: the summary describes the file as written
+    values = sum(t.numel() for t in state.values())
+    print(f"wrote {out}: {len(state)} tensors, {values:,} parameters and buffers")
+    return 0
+
+
 def _add_convert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (must not hold a converted dataset)")
     p.add_argument("--max-side", type=int, default=384, help="longest image side after resizing (default 384)")
@@ -188,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     demo.set_defaults(func=_cmd_demo)
 
-    tr = sub.add_parser("train", help="train from a recipe in one process (use `deepspeed -m trainer.train` for many)")
+    tr = sub.add_parser("train", help="train from a recipe in one process (use `deepspeed --module trainer.train` for many)")
     tr.add_argument("--config", required=True, help="recipe name in configs/ or a YAML path")
     tr.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     tr.set_defaults(func=_cmd_train)
@@ -245,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="decode every sample and check tokens, text and checksums")
     ver.add_argument("dir", help="directory written by `slip convert`")
     ver.set_defaults(func=_cmd_verify)
+
+    exp = sub.add_parser("export", help="write a run's latest checkpoint as plain safetensors weights with its config")
+    exp.add_argument("run", help="run directory written by `slip train`")
+    exp.add_argument("--out", required=True, help="the .safetensors file to write (replaced if it exists)")
+    exp.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -77,6 +77,15 @@ class LossConfig:
         _require(self.ssl_scale >= 0, "loss.ssl_scale must be non-negative")
 
 
+LR_SCALING = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}  # the exponent of batch_size / base_batch
+
+
+def peak_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The recipe's lr moved from base_batch to the batch actually trained with: linear for
+    SGD-like optimizers (Goyal et al. 2017), square root for Adam and LAMB (You et al. 2020)."""
+    return optim.lr * (global_batch / optim.base_batch) ** LR_SCALING[optim.lr_scaling]
+
+
 @dataclass
 class OptimConfig:
     name: str = "adamw"
@@ -85,10 +94,14 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    lr_scaling: str = "sqrt"  # none | linear | sqrt: the peak lr is lr * (batch_size / base_batch) ** {0, 1, 1/2}
+    base_batch: int = 4096  # the global batch `lr` was tuned at
 
     def __post_init__(self) -> None:
-        _require(self.name in ("adamw",), f"optim.name must be one of ['adamw'], got '{self.name}'")
+        _require(self.name in ("adamw", "lamb"), f"optim.name must be one of ['adamw', 'lamb'], got '{self.name}'")
         _require(self.lr > 0, "optim.lr must be positive")
+        _require(self.lr_scaling in LR_SCALING, f"optim.lr_scaling must be one of {list(LR_SCALING)}, got '{self.lr_scaling}'")
+        _require(self.base_batch > 0, "optim.base_batch must be positive")
         _require(self.weight_decay >= 0, "optim.weight_decay must be non-negative")
         _require(all(0 <= b < 1 for b in self.betas), "optim.betas must lie in [0, 1)")
         _require(self.eps > 0, "optim.eps must be positive")
@@ -115,8 +128,11 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16
     zero_stage: int = 0
+    micro_batches: int = 1  # chunks of the local batch per step, accumulated with GradCache (all negatives kept)
+    activation_checkpointing: bool = False  # recompute both towers' blocks in backward: less memory, ~1/3 more compute
 
     def __post_init__(self) -> None:
+        _require(self.micro_batches > 0, "engine.micro_batches must be positive")
         _require(self.device in ("auto", "cpu", "cuda"), f"engine.device must be auto, cpu or cuda, got '{self.device}'")
         _require(self.precision in ("fp32", "bf16"), f"engine.precision must be fp32 or bf16, got '{self.precision}'")
         _require(self.zero_stage in (0, 1, 2, 3), f"engine.zero_stage must be 0-3, got {self.zero_stage}")
@@ -128,8 +144,18 @@ class RunConfig:
     out: str = "runs"  # the run directory is out/name
     seed: int = 0
     log_every: int = 10  # steps between JSONL records
+    checkpoint_every: int = 1000  # steps between checkpoints; one is always written at the end
+    keep: int = 3  # complete checkpoints kept, newest first
+    resume: bool = True  # continue from the run directory's latest checkpoint when it has one
+    max_nonfinite: int = 20  # non-finite losses in a row before the run stops (each one skips its step)
+    tensorboard: bool = True  # scalars under the run directory's tensorboard/
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
+    wandb_project: str = "slipstream"
 
     def __post_init__(self) -> None:
+        _require(self.checkpoint_every >= 0, "run.checkpoint_every must be 0 (only at the end) or positive")
+        _require(self.keep > 0, "run.keep must be positive")
+        _require(self.max_nonfinite > 0, "run.max_nonfinite must be positive")
         _require(self.log_every > 0, "run.log_every must be positive")
         _require(bool(self.name) and "/" not in self.name, f"run.name must be a non-empty name without '/', got '{self.name}'")
         _require(self.seed >= 0, "run.seed must be non-negative")
@@ -246,7 +272,18 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
     for text in overrides:
         section, key, value = _parse_override(text)
         merged.setdefault(section, {})[key] = value
+    return _build(merged, source)
 
+
+def config_from_dict(values: dict[str, Any], source: str = "a saved config") -> Config:
+    """A Config from `Config.to_dict()` output (a run's config.yaml, an export's metadata), checked as a recipe is."""
+    _check(isinstance(values, dict), f"config: {source} must be a mapping of sections")
+    for section, keys in values.items():
+        _check(isinstance(keys, dict), f"config: {source}: section '{section}' must be a mapping")
+    return _build({section: dict(keys) for section, keys in values.items()}, source)
+
+
+def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
     sections = _section_types()
     built: dict[str, Any] = {}
     for section, values in merged.items():
@@ -266,6 +303,9 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"config: {err}") from None
     cfg = Config(**built)
     _check_registered_names(cfg)
+    # ZeRO partitions flattened parameter groups, so LAMB's per-layer trust ratio would be
+    # taken per partition; DeepSpeed does not support the pair.
+    _check(cfg.optim.name != "lamb" or cfg.engine.zero_stage == 0, "config: optim.name lamb needs engine.zero_stage 0 (ZeRO would split LAMB's per-layer trust ratio)")
     return cfg
 
 

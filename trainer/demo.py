@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ def run_demo(cfg: Config, spec: shapes.ShapesSpec = shapes.ShapesSpec(), *, prog
         return zeroshot_accuracy(model, cfg.data.zeroshot, classnames, templates, cfg.augment, threads=cfg.data.threads)["top1"]
 
     untrained = evaluate(init_model(cfg))
+    # The demo is a fresh run every time, not a resume of the last one.
+    shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
     result = train(cfg, progress=progress)
     trained = evaluate(result.model)
     results = {

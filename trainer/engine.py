@@ -95,15 +95,33 @@ def reduce_mean(values: dict[str, torch.Tensor], dist: DistInfo) -> dict[str, fl
     return dict(zip(values, stacked.tolist()))
 
 
-def deepspeed_config(global_batch: int, world: int, *, zero_stage: int, precision: str, grad_clip: float) -> dict[str, Any]:
+def deepspeed_config(
+    global_batch: int,
+    world: int,
+    *,
+    zero_stage: int,
+    precision: str,
+    grad_clip: float,
+    micro_batches: int = 1,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The recipe's engine section as DeepSpeed's config. `micro_batches` > 1 is GradCache
+    accumulation: DeepSpeed accumulates that many backward passes per optimizer step."""
     if global_batch % world:
         raise ValueError(f"config: data.batch_size {global_batch} is not divisible by {world} ranks")
+    local = global_batch // world
+    if local % micro_batches:
+        raise ValueError(f"config: the local batch {local} is not divisible by engine.micro_batches {micro_batches}")
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage > 0:
+        # Overlapping the gradient reduction with backward needs a CUDA stream.
+        zero.update(overlap_comm=device == "cuda", contiguous_gradients=True)
     return {
         "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": global_batch // world,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": local // micro_batches,
+        "gradient_accumulation_steps": micro_batches,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
         # bf16 as SLIP ran fp16: autocast over fp32 weights, so BatchNorm statistics, the
         # logit scale and the optimizer's update stay fp32 while the matmuls run in bf16.
         "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},

@@ -1,4 +1,5 @@
-"""Entry point for the DeepSpeed launcher: `deepspeed --num_gpus N -m trainer.train --config RECIPE [k=v ...]`."""
+"""Entry point for the DeepSpeed launcher: `deepspeed --num_gpus N --module trainer.train --config RECIPE [k=v ...]`
+(DeepSpeed's launcher spells python's -m as --module)."""
 from __future__ import annotations
 
 import sys

@@ -96,6 +96,9 @@ def test_train_bf16_records_the_config_in_its_checkpoint(small_beton: Path, tmp_
     records = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    state = torch.load(tmp_path / "bf16" / "checkpoints" / "step-00000002" / "mp_rank_00_model_states.pt", weights_only=True)
-    assert state["step"] == 2
-    assert state["config"]["engine"]["precision"] == "bf16" and state["config"]["data"]["train"] == str(small_beton)
+    checkpoint = tmp_path / "bf16" / "checkpoints" / "step-00000002"
+    assert (tmp_path / "bf16" / "checkpoints" / "latest").read_text() == "step-00000002"
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert meta["step"] == 2
+    assert meta["config"]["engine"]["precision"] == "bf16" and meta["config"]["data"]["train"] == str(small_beton)
+    torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=True)  # DeepSpeed's own file loads safely

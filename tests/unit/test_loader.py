@@ -225,3 +225,46 @@ def test_parallel_source_gives_the_same_batches(dataset: BetonDataset, tmp_path)
         for k in a:
             assert torch.equal(a[k], b[k]), k
     assert parallel.replaced == inline.replaced > 0 and parallel.corrupt == inline.corrupt
+
+
+@pytest.mark.parametrize("source_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_loader_restored_from_its_state_continues_bit_for_bit(dataset: BetonDataset, source_workers: int) -> None:
+    # The oracle is the uninterrupted loader: the state taken after step 2 (with batches
+    # already prefetched past it) must make a new loader hand out steps 3.. exactly.
+    straight = _loader(dataset, seed=5, source_workers=source_workers)
+    batches, state = [], None
+    for step in range(6):
+        batches.append({k: v.clone() for k, v in next(straight).items()})
+        if step == 2:
+            state = straight.state()
+    restored = _loader(dataset, seed=5, start_step=3, state=state, source_workers=source_workers)
+    for step in range(3, 6):
+        got = next(restored)
+        for key, want in batches[step].items():
+            assert torch.equal(got[key], want), (step, key)
+    # A fresh loader started at step 3 reads the same samples but draws new augmentations.
+    fresh = next(_loader(dataset, seed=5, start_step=3))
+    assert torch.equal(fresh["index"], batches[3]["index"]) and not torch.equal(fresh["aug1"], batches[3]["aug1"])
+
+
+def test_a_resume_after_an_undecodable_sample_continues_bit_for_bit(dataset: BetonDataset, tmp_path) -> None:
+    # The rebuild after DALI's decoder failed changed the pipeline; the state must carry both
+    # that pipeline's draws and the verdict, or the resumed run would fail and rebuild again
+    # with other draws when the sample comes round in the next epoch.
+    sampler = EpochSampler(len(dataset), 8, seed=11)
+    victim = int(sampler.indices(1)[2])
+    damaged = _damaged_copy(dataset, tmp_path / "damaged", {victim: _bogus_huffman_table})
+    straight = ThreeViewLoader(damaged, sampler, ("image", "aug1"), AUG, seed=4, threads=2)
+    n = sampler.steps_per_epoch + 3  # into the next epoch, where the victim is read again
+    batches, state = [], None
+    for step in range(n):
+        batches.append({k: v.clone() for k, v in next(straight).items()})
+        if step == 2:
+            state = straight.state()
+    assert straight.corrupt == {victim: "undecodable"} and state["undecodable"] == [victim]
+    restored = ThreeViewLoader(damaged, sampler, ("image", "aug1"), AUG, seed=4, threads=2, start_step=3, state=state)
+    for step in range(3, n):
+        got = next(restored)
+        for key, want in batches[step].items():
+            assert torch.equal(got[key], want), (step, key)
+    assert restored.origin == straight.origin  # no second rebuild
