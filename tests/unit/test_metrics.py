@@ -53,3 +53,40 @@ def test_only_rank_zero_writes(tmp_path: Path) -> None:
     logger.write({"step": 0, "loss": 1.0})
     logger.close()
     assert not (tmp_path / "run").exists()
+
+
+class _FakeWandb:
+    """Stands in for the wandb package (not a dependency): records what the logger asks of it."""
+
+    def __init__(self) -> None:
+        self.inits: list[dict] = []
+        self.logged: list[tuple[dict, int]] = []
+        self.finished = 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, values: dict, step: int) -> None:
+        self.logged.append((values, step))
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
+def test_wandb_gets_the_scalars_and_a_resume_rewinds_to_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    logger = RunLogger(tmp_path, tensorboard=False, wandb=True, wandb_project="p", config={"run": {"seed": 1}})
+    logger.write({"step": 0, "loss": 2.5, "note": "x"})
+    logger.close()
+    run_id = (tmp_path / "wandb_id").read_text()
+    assert fake.inits[0]["id"] == run_id and fake.inits[0]["project"] == "p"
+    assert fake.logged == [({"loss": 2.5}, 0)] and fake.finished == 1
+
+    RunLogger(tmp_path, start_step=7, tensorboard=False, wandb=True).close()
+    assert fake.inits[1]["resume_from"] == f"{run_id}?_step=7"  # W&B would drop steps below its last one
+    RunLogger(tmp_path, tensorboard=False, wandb=True).close()
+    assert fake.inits[2]["id"] != run_id  # a fresh run in the same directory is a new W&B run
