@@ -1,6 +1,8 @@
-"""Evaluation images: a class-per-folder tree (ImageNet layout) through DALI, resized and center-cropped.
+"""Evaluation images through DALI, resized (shorter side) and center-cropped as SLIP evaluates.
 
-Labels are the indices of the sorted sub-folder names. Every image is read exactly once.
+Two sources: a class-per-folder tree (ImageNet layout; labels are the indices of the sorted
+sub-folder names) and a converted `.beton` directory (in sample order, for retrieval). Every
+image is read exactly once.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from pipeline.augment import AugmentConfig, normalize
+from pipeline.reader import BetonDataset
 
 
 def class_folders(root: str | Path) -> list[str]:
@@ -22,6 +25,17 @@ def class_folders(root: str | Path) -> list[str]:
     if not names:
         raise FileNotFoundError(f"{root}: no class sub-folders")
     return names
+
+
+# What DALI's file reader picks up in a class folder (its default extensions).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".pnm", ".ppm", ".pgm", ".pbm", ".jp2", ".webp"})
+
+
+def count_images(root: str | Path) -> int:
+    """Images in a class-per-folder tree, as the reader will see them (for progress bars)."""
+    return sum(
+        1 for name in class_folders(root) for f in (Path(root) / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
+    )
 
 
 def iter_folder(
@@ -35,15 +49,11 @@ def iter_folder(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images float32 [b, 3, S, S], labels int64 [b]) over the whole folder, the last batch short."""
     class_folders(root)
-    size = augment.image_size
 
     @pipeline_def
     def graph():
         jpegs, labels = fn.readers.file(file_root=str(root), random_shuffle=False, pad_last_batch=True, name="reader")
-        images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-        # As SLIP's evaluation: resize the shorter side, then a center crop of the training size.
-        images = fn.resize(images, resize_shorter=size, antialias=True)
-        return normalize(images, augment, crop=(size, size)), labels
+        return _eval_view(jpegs, augment, device), labels
 
     pipe = graph(batch_size=batch_size, num_threads=threads, device_id=device_id if device == "gpu" else None, seed=0)
     pipe.build()
@@ -55,3 +65,45 @@ def iter_folder(
         y = torch.from_numpy(np.asarray(labels.as_cpu().as_tensor()).reshape(-1)[:keep].astype(np.int64))  # (b,)
         remaining -= keep
         yield x, y
+
+
+def _eval_view(jpegs, augment: AugmentConfig, device: str):
+    size = augment.image_size
+    images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    # As SLIP's evaluation: resize the shorter side, then a center crop of the training size.
+    images = fn.resize(images, resize_shorter=size, antialias=True)
+    return normalize(images, augment, crop=(size, size))
+
+
+def iter_beton(
+    dataset: BetonDataset,
+    augment: AugmentConfig,
+    *,
+    batch_size: int,
+    threads: int = 2,
+    device: str = "cpu",
+    device_id: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images float32 [b, 3, S, S], sample indices int64 [b]) over every sample in order, the last batch short."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"{dataset.directory}: no samples")
+
+    def source(info):  # DALI asks for whole batches by iteration; the tail wraps and is cut below
+        start = info.iteration * batch_size
+        indices = [(start + k) % n for k in range(batch_size)]
+        return [dataset.jpeg(i) for i in indices], np.asarray(indices, dtype=np.int64).reshape(-1, 1)
+
+    @pipeline_def
+    def graph():
+        jpegs, index = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
+        return _eval_view(jpegs, augment, device), index
+
+    pipe = graph(batch_size=batch_size, num_threads=threads, device_id=device_id if device == "gpu" else None, seed=0)
+    pipe.build()
+    for start in range(0, n, batch_size):
+        images, index = pipe.run()
+        keep = min(n - start, batch_size)
+        x = torch.from_dlpack(images.as_tensor())[:keep].clone()  # (b, 3, S, S)
+        i = torch.from_numpy(np.asarray(index.as_cpu().as_tensor()).reshape(-1)[:keep].astype(np.int64))  # (b,)
+        yield x, i

@@ -165,6 +165,52 @@ def _cmd_profile_loss(args: argparse.Namespace) -> int:
     return 0 if all("error" not in v for v in r["backends"].values()) else 1
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from trainer.evaluate import eval_linear, eval_retrieval, eval_zeroshot, load_eval_model
+    from trainer.zeroshot import read_lines
+
+    model, augment = load_eval_model(args.checkpoint, image_size=args.image_size)
+    common = {"batch_size": args.batch_size, "threads": args.threads}
+    if args.kind == "zeroshot":
+        names = read_lines(args.classnames) if args.classnames else None
+        templates = read_lines(args.templates) if args.templates else None
+        r = eval_zeroshot(model, augment, args.data, classnames=names, templates=templates, **common)
+        line = f"zero-shot on {args.data}: top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}% ({r['images']} images, {r['classes']} classes)"
+    elif args.kind == "linear":
+        r = eval_linear(model, augment, args.train, args.val, **common)
+        line = f"linear probe {args.train} -> {args.val}: top-1 {100 * r['top1']:.2f}% (l2 {r['l2']:g}, {r['n_train']} train, {r['n_val']} val)"
+    else:
+        r = eval_retrieval(model, augment, args.data, **common)
+        fmt = lambda d: ", ".join(f"{k} {100 * v:.1f}%" for k, v in d.items())  # noqa: E731
+        line = (f"retrieval on {args.data} ({r['images']} images, {r['captions']} captions): "
+                f"image->text {fmt(r['image_to_text'])}; text->image {fmt(r['text_to_image'])}")  # fmt: skip
+    print(json.dumps(r, indent=2) if args.json else line)
+    return 0
+
+
+def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="zero-shot, linear probe or retrieval of a checkpoint")
+    kinds = ev.add_subparsers(dest="kind", required=True)
+    zs = kinds.add_parser("zeroshot", help="zero-shot classification of a class-per-folder image tree")
+    zs.add_argument("--data", required=True, help="one sub-folder per class (ImageNet layout)")
+    zs.add_argument("--classnames", help="one class name per line, in sorted folder order (default: ImageNet's)")
+    zs.add_argument("--templates", help="one prompt per line with {} for the class (default: CLIP's 80)")
+    lin = kinds.add_parser("linear", help="logistic regression on frozen image features")
+    lin.add_argument("--train", required=True, help="class-per-folder training images")
+    lin.add_argument("--val", required=True, help="class-per-folder validation images (the same classes)")
+    ret = kinds.add_parser("retrieval", help="image-text recall@1/5/10 on a captioned dataset")
+    ret.add_argument("--data", required=True, help="directory written by `slip convert`")
+    for p in (zs, lin, ret):
+        p.add_argument("--checkpoint", required=True, help="a .safetensors from `slip export`, a run directory, or a SLIP reference .pt")
+        p.add_argument("--image-size", type=int, help="evaluation crop (default: the training size; 224 for SLIP's releases)")
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
+        p.add_argument("--json", action="store_true", help="print the figures as JSON")
+        p.set_defaults(func=_cmd_eval)
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.verify import verify
 
@@ -261,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     ploss.add_argument("--repeats", type=int, default=1, help="runs per backend; the fastest is reported")
     ploss.add_argument("--json", action="store_true", help="print the figures as JSON")
     ploss.set_defaults(func=_cmd_profile_loss)
+
+    _add_eval_parsers(sub)
 
     ver = sub.add_parser("verify", help="decode every sample and check tokens, text and checksums")
     ver.add_argument("dir", help="directory written by `slip convert`")

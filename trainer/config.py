@@ -139,6 +139,20 @@ class EngineConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_epochs: float = 0.0  # evaluate during training every this many epochs (and at the end); 0: never
+    zeroshot: str = ""  # class-per-folder images; "" uses data.zeroshot (none: no zero-shot)
+    classnames: str = ""  # one per line; "" uses classnames.txt beside the folder, else ImageNet's
+    templates: str = ""  # one prompt per line with {}; "" uses templates.txt beside the folder, else CLIP's 80
+    retrieval: str = ""  # a converted dataset for image-text recall; "" skips it
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _require(self.every_epochs >= 0, "eval.every_epochs must be 0 (never) or positive")
+        _require(self.batch_size > 0, "eval.batch_size must be positive")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out: str = "runs"  # the run directory is out/name
@@ -170,6 +184,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property

@@ -37,6 +37,7 @@ from trainer.models.contrastive import ContrastiveModel
 from trainer.models.from_config import model_from_config
 from trainer.objectives import get_objective
 from trainer.optim import build_optimizer
+from trainer.periodic_eval import PeriodicEval
 from trainer.provenance import write_provenance
 from trainer.schedule import lr_at, plan_steps
 from trainer.task import ContrastiveTask
@@ -183,6 +184,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
         state=rank_state["loader"] if rank_state is not None else None,
     )
     loader.replaced = counters.get("replaced_samples", 0)
+    periodic = PeriodicEval(cfg, plan.steps_per_epoch, plan.total, dist.is_main)
     # Everything is built: only now does the run directory get its files.
     run_dir = cfg.run_dir
     if dist.is_main:
@@ -243,7 +245,11 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
                     record.update(samples_per_s=samples_per_s, data_ms=1e3 * (t1 - t0), step_ms=1e3 * (t2 - t0))
                     record.update(peak_memory_bytes=peak_memory_bytes(dist.device), replaced_samples=loader.replaced)
                     record.update(nonfinite_skipped=counters["nonfinite_skipped"])
+                    if periodic.due(step):
+                        record.update(periodic.run(engine, dist.world))
                     logger.write(record)
+                elif periodic.due(step):
+                    logger.write({"step": step - 1, "epoch": (step - 1) / plan.steps_per_epoch, **periodic.run(engine, dist.world)})
                 if counters["nonfinite_in_a_row"] >= cfg.run.max_nonfinite:
                     save(step)
                     raise TrainingStopped(

@@ -1,0 +1,166 @@
+"""`slip eval` wiring with known answers: models whose features are constructed to match give
+100%, shuffled ones give chance; and a trained run evaluates through the command line."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from pipeline import shapes
+from pipeline.augment import AugmentConfig
+from pipeline.evaluation import iter_beton, iter_folder
+from pipeline.reader import BetonDataset
+from pipeline.text import tokenize
+from trainer.models.contrastive import ModelParts
+
+AUG = AugmentConfig(image_size=32)
+
+
+def _key(x: torch.Tensor) -> str:
+    return hashlib.sha1(x.contiguous().numpy().tobytes()).hexdigest()
+
+
+class LookupModel(nn.Module):
+    """An oracle 'model': images and token rows are looked up in tables built from the data,
+    each mapped to a one-hot (or a permuted one-hot) feature."""
+
+    parts = ModelParts(clip=True, ssl=False)
+
+    def __init__(self, image_ids: dict[str, int], text_ids: dict[str, int], dim: int, perm: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))  # a device to report
+        self.image_ids, self.text_ids, self.dim = image_ids, text_ids, dim
+        self.perm = perm if perm is not None else torch.arange(dim)
+
+    def _onehot(self, ids: list[int]) -> torch.Tensor:
+        out = torch.full((len(ids), self.dim), 1e-3)  # (n, dim); not exactly one-hot: no zero rows
+        out[torch.arange(len(ids)), torch.tensor(ids)] = 1.0
+        return out
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self._onehot([self.image_ids[_key(x)] for x in images])
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._onehot([int(self.perm[self.text_ids[_key(t.to(torch.int64))]]) for t in tokens])
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = shapes.ShapesSpec(seed=4, train_size=40, zeroshot_per_class=2)
+    return shapes.generate(tmp_path_factory.mktemp("eval") / "raw", spec, progress=False)
+
+
+def _zeroshot_model(raw: Path, perm: torch.Tensor | None = None) -> tuple[LookupModel, list[str], list[str]]:
+    from pipeline.evaluation import class_folders
+
+    names = (raw / "classnames.txt").read_text().split("\n")
+    names = [n for n in names if n]
+    templates = ["a photo of a {}.", "a picture of the {}."]
+    image_ids = {}
+    for images, labels in iter_folder(raw / "zeroshot", AUG, batch_size=16):
+        image_ids.update({_key(x): int(y) for x, y in zip(images, labels)})
+    text_ids = {}
+    for c, name in enumerate(names):
+        for row in tokenize([t.format(name) for t in templates]).astype(np.int64):
+            text_ids[_key(torch.from_numpy(row))] = c
+    assert len(class_folders(raw / "zeroshot")) == len(names)
+    return LookupModel(image_ids, text_ids, len(names), perm), names, templates
+
+
+def test_zeroshot_is_perfect_for_matched_features_and_near_chance_for_shuffled(raw: Path) -> None:
+    from trainer.evaluate import eval_zeroshot
+
+    model, names, templates = _zeroshot_model(raw)
+    r = eval_zeroshot(model, AUG, raw / "zeroshot", classnames=names, templates=templates, batch_size=16)
+    assert r["top1"] == 1.0 and r["top5"] == 1.0 and r["images"] == 2 * len(names)
+    derangement = torch.roll(torch.arange(len(names)), 1)  # every class's prompts point at another class
+    model, _, _ = _zeroshot_model(raw, derangement)
+    r = eval_zeroshot(model, AUG, raw / "zeroshot", classnames=names, templates=templates, batch_size=16)
+    assert r["top1"] == 0.0
+
+    class ImageOnly(LookupModel):
+        parts = ModelParts(clip=False, ssl=True)
+
+    with pytest.raises(ValueError, match="needs a text tower"):
+        eval_zeroshot(ImageOnly({}, {}, 1), AUG, raw / "zeroshot", classnames=names, templates=templates)
+
+
+def test_retrieval_is_perfect_for_matched_features_and_chance_for_shuffled(raw: Path, tmp_path: Path) -> None:
+    from pipeline.convert import ConvertOptions, convert
+    from pipeline.sources import folder
+    from trainer.evaluate import eval_retrieval
+
+    # Distinct images with captions of their own: the oracle below is then exact.
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)).save(src / f"{i:03d}.jpg", quality=95)
+        (src / f"{i:03d}.txt").write_text("\n".join(f"photo number {i} in variant {k}" for k in range(1 + i % 3)) + "\n")
+    beton = tmp_path / "beton"
+    convert(folder.iter_samples(src), beton, source="folder", options=ConvertOptions(max_side=64, workers=1), progress=False)
+    dataset = BetonDataset(beton)
+    image_ids = {}
+    for images, index in iter_beton(dataset, AUG, batch_size=16):
+        image_ids.update({_key(x): int(i) for x, i in zip(images, index)})
+    assert len(image_ids) == len(dataset)  # every image distinct, so the oracle is well defined
+    text_ids = {}
+    for i in range(len(dataset)):
+        for row in dataset.tokens(i)[: int(dataset.n_captions[i])].astype(np.int64):
+            text_ids[_key(torch.from_numpy(row))] = i
+    r = eval_retrieval(LookupModel(image_ids, text_ids, len(dataset)), AUG, beton, batch_size=16)
+    assert r["images"] == len(dataset) and r["captions"] == int(dataset.n_captions.sum())
+    assert r["image_to_text"]["R@1"] == 1.0
+    assert r["text_to_image"]["R@10"] == 1.0
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(len(dataset)))
+    shuffled = eval_retrieval(LookupModel(image_ids, text_ids, len(dataset), perm), AUG, beton, batch_size=16)
+    assert shuffled["image_to_text"]["R@1"] <= 0.2 and shuffled["text_to_image"]["R@1"] <= 0.2
+
+
+@pytest.mark.slow
+def test_a_trained_run_evaluates_from_the_command_line(raw: Path, tmp_path: Path, make_shapes_beton, capsys) -> None:
+    from trainer.cli import main
+
+    beton = make_shapes_beton(tmp_path / "data", train_size=32)
+    overrides = [f"data.train={beton}", f"run.out={tmp_path}", "run.name=t", "schedule.steps=2", "data.batch_size=16",
+                 "run.tensorboard=false"]  # fmt: skip
+    assert main(["train", "--config", "tiny_cpu", *overrides]) == 0
+    run = tmp_path / "t"
+    capsys.readouterr()
+    zs = ["eval", "zeroshot", "--checkpoint", str(run), "--data", str(raw / "zeroshot"), "--json",
+          "--classnames", str(raw / "classnames.txt"), "--templates", str(raw / "templates.txt")]  # fmt: skip
+    assert main(zs) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert 0 <= r["top1"] <= r["top5"] <= 1 and r["classes"] == len(shapes.COLOURS) * len(shapes.SHAPES)
+    assert main(["eval", "retrieval", "--checkpoint", str(run), "--data", str(beton), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert 0 <= r["image_to_text"]["R@1"] <= r["image_to_text"]["R@5"] <= 1
+    probe = shapes.generate(tmp_path / "probe", shapes.ShapesSpec(seed=9, train_size=1, zeroshot_per_class=5), progress=False)
+    assert main(["eval", "linear", "--checkpoint", str(run), "--train", str(probe / "zeroshot"), "--val", str(raw / "zeroshot"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert 0 <= r["top1"] <= 1
+    # A checkpoint that is not there is one line and exit 2.
+    assert main(["eval", "zeroshot", "--checkpoint", str(tmp_path / "absent.safetensors"), "--data", str(raw / "zeroshot")]) == 2
+
+
+def test_evaluation_during_training_is_logged_with_the_step(raw: Path, tmp_path: Path, make_shapes_beton) -> None:
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    beton = make_shapes_beton(tmp_path / "data", train_size=32)  # 2 steps per epoch at batch 16
+    overrides = [f"data.train={beton}", f"run.out={tmp_path}", "run.name=e", "schedule.steps=5", "data.batch_size=16",
+                 "run.tensorboard=false", "run.log_every=100", "eval.every_epochs=1", f"eval.zeroshot={raw / 'zeroshot'}",
+                 "eval.batch_size=16"]  # fmt: skip
+    train(load_config("tiny_cpu", overrides), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r["step"] for r in records if "zeroshot_top1" in r]
+    assert evaluated == [1, 3, 4]  # after every 2 steps (one epoch) and at the end
+    assert all(0 <= r["zeroshot_top1"] <= r["zeroshot_top5"] <= 1 for r in records if "zeroshot_top1" in r)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        train(load_config("tiny_cpu", [*overrides[:-2], "eval.zeroshot=", "run.name=f"]), progress=False)

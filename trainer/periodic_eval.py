@@ -1,0 +1,85 @@
+"""Evaluation during training: zero-shot (and retrieval) every `eval.every_epochs`, logged with the step's metrics.
+
+Rank 0 evaluates the module the engine trains; the other ranks wait. Under ZeRO-3 every rank
+takes part in gathering the partitioned weights first, so rank 0 sees the whole model.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import Config
+
+
+class PeriodicEval:
+    def __init__(self, cfg: Config, steps_per_epoch: int, total_steps: int, is_main: bool) -> None:
+        e = cfg.eval
+        self.cfg, self.is_main = cfg, is_main
+        self.every = max(1, round(e.every_epochs * steps_per_epoch)) if e.every_epochs > 0 else 0
+        self.total = total_steps
+        self.zeroshot = e.zeroshot or cfg.data.zeroshot
+        self.retrieval = e.retrieval
+        if self.every and not (self.zeroshot or self.retrieval):
+            raise ValueError("config: eval.every_epochs is set but there is nothing to evaluate: set eval.zeroshot (or data.zeroshot) or eval.retrieval")
+        self.classnames = self.templates = None
+        if self.every and self.zeroshot:
+            self.classnames, self.templates = self._prompts(Path(self.zeroshot))
+
+    def _prompts(self, folder: Path) -> tuple[list[str] | None, list[str] | None]:
+        from trainer.zeroshot import read_lines
+
+        def pick(given: str, beside: str) -> list[str] | None:
+            if given:
+                return read_lines(given)
+            path = folder.parent / beside
+            return read_lines(path) if path.is_file() else None  # None: ImageNet's defaults
+
+        return pick(self.cfg.eval.classnames, "classnames.txt"), pick(self.cfg.eval.templates, "templates.txt")
+
+    def due(self, step: int) -> bool:
+        """After `step` steps have run."""
+        return bool(self.every) and (step % self.every == 0 or step == self.total)
+
+    def run(self, engine: Any, world: int) -> dict[str, float]:
+        """Collective: every rank calls it; rank 0 returns the figures, the others {}."""
+        results: dict[str, float] = {}
+        with _whole_model(engine):
+            if self.is_main:
+                results = self._evaluate(engine.module)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return results
+
+    @torch.no_grad()
+    def _evaluate(self, model: Any) -> dict[str, float]:
+        from trainer.evaluate import eval_retrieval, eval_zeroshot
+
+        was_training = model.training
+        model.eval()
+        out: dict[str, float] = {}
+        try:
+            b, threads, augment = self.cfg.eval.batch_size, self.cfg.data.threads, self.cfg.augment
+            if self.zeroshot and model.parts.text:
+                r = eval_zeroshot(model, augment, self.zeroshot, classnames=self.classnames, templates=self.templates,
+                                  batch_size=b, threads=threads)  # fmt: skip
+                out.update(zeroshot_top1=r["top1"], zeroshot_top5=r["top5"])
+            if self.retrieval and model.parts.text:
+                r = eval_retrieval(model, augment, self.retrieval, batch_size=b, threads=threads)
+                out.update({f"retrieval_i2t_{k}": v for k, v in r["image_to_text"].items()})
+                out.update({f"retrieval_t2i_{k}": v for k, v in r["text_to_image"].items()})
+        finally:
+            model.train(was_training)
+        return out
+
+
+def _whole_model(engine: Any) -> contextlib.AbstractContextManager:
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
