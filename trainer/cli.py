@@ -171,7 +171,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from trainer.evaluate import eval_linear, eval_retrieval, eval_zeroshot, load_eval_model
     from trainer.zeroshot import read_lines
 
+    import torch
+
     model, augment = load_eval_model(args.checkpoint, image_size=args.image_size)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)  # images are then decoded on that GPU too
     common = {"batch_size": args.batch_size, "threads": args.threads}
     if args.kind == "zeroshot":
         names = read_lines(args.classnames) if args.classnames else None
@@ -207,6 +211,7 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--image-size", type=int, help="evaluation crop (default: the training size; 224 for SLIP's releases)")
         p.add_argument("--batch-size", type=int, default=256)
         p.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (default: a GPU if there is one)")
         p.add_argument("--json", action="store_true", help="print the figures as JSON")
         p.set_defaults(func=_cmd_eval)
 

@@ -46,6 +46,12 @@ def load_eval_model(checkpoint: str | Path, *, image_size: int | None = None) ->
     return load_model(path).eval(), augment
 
 
+def dali_device(model: torch.nn.Module) -> dict:
+    """Decode where the model runs: nvJPEG on its GPU, or DALI's CPU operators."""
+    device = next(model.parameters()).device
+    return {"device": "gpu", "device_id": device.index or 0} if device.type == "cuda" else {"device": "cpu"}
+
+
 def _bar(iterable: Iterable, total: int, desc: str) -> Iterator:
     return iter(tqdm(iterable, total=total, desc=desc, unit="batch", disable=os.environ.get("CI") == "true"))
 
@@ -117,7 +123,7 @@ def _folder_features(model: ContrastiveModel, augment: AugmentConfig, folder: st
     from pipeline.evaluation import count_images, iter_folder
 
     total = -(-count_images(folder) // batch_size)
-    return image_features(model, iter_folder(folder, augment, batch_size=batch_size, threads=threads), total, desc)
+    return image_features(model, iter_folder(folder, augment, batch_size=batch_size, threads=threads, **dali_device(model)), total, desc)
 
 
 def eval_linear(
@@ -169,7 +175,7 @@ def eval_retrieval(
     _needs_text(model, "retrieval")
     dataset = BetonDataset(data)
     total = -(-len(dataset) // batch_size)
-    images, order = image_features(model, iter_beton(dataset, augment, batch_size=batch_size, threads=threads), total, "retrieval: images")
+    images, order = image_features(model, iter_beton(dataset, augment, batch_size=batch_size, threads=threads, **dali_device(model)), total, "retrieval: images")
     position = torch.empty(len(dataset), dtype=torch.int64)
     position[order] = torch.arange(len(order))
     rows, owner = [], []

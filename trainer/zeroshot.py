@@ -51,7 +51,9 @@ def zeroshot_accuracy(
     classes = class_embeddings(model, classnames, templates, device)
     k = min(5, len(classnames))
     top1 = top5 = total = 0
-    for images, labels in iter_folder(folder, augment, batch_size=batch_size, threads=threads):
+    from trainer.evaluate import dali_device
+
+    for images, labels in iter_folder(folder, augment, batch_size=batch_size, threads=threads, **dali_device(model)):
         feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)  # (b, d)
         ranked = (feats @ classes.T).topk(k, dim=-1).indices.cpu()  # (b, k)
         hits = ranked == labels[:, None]

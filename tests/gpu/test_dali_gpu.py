@@ -57,3 +57,23 @@ def test_gpu_grayscale_frequency(tmp_path: Path, make_shapes_beton) -> None:
     already = _gray_frequency(dataset, 0.0)
     expected = already + (1 - already) * 0.2
     assert abs(_gray_frequency(dataset, 0.2) - expected) < 4.5 * (expected * (1 - expected) / 2048) ** 0.5 + 0.01
+
+
+def test_gpu_evaluation_view_matches_the_cpu_one(tmp_path: Path, make_shapes_beton) -> None:
+    # A model on the GPU decodes its evaluation images with nvJPEG; the features must be those
+    # of the CPU path up to decoder rounding.
+    from trainer.config import load_config
+    from trainer.evaluate import image_features
+    from pipeline.evaluation import iter_beton
+
+    dataset = BetonDataset(make_shapes_beton(tmp_path, train_size=24))
+    aug = AugmentConfig(image_size=64)
+    torch.manual_seed(0)
+    from trainer.models.from_config import model_from_config
+
+    model = model_from_config(load_config("tiny_cpu")).eval()
+    cpu, cpu_order = image_features(model, iter_beton(dataset, aug, batch_size=8), 3, "cpu")
+    model = model.cuda()
+    gpu, gpu_order = image_features(model, iter_beton(dataset, aug, batch_size=8, device="gpu"), 3, "gpu")
+    assert torch.equal(cpu_order, gpu_order)
+    assert torch.nn.functional.cosine_similarity(cpu, gpu).min() > 0.98
