@@ -22,28 +22,19 @@ from trainer.models.contrastive import ContrastiveModel
 
 def load_eval_model(checkpoint: str | Path, *, image_size: int | None = None) -> tuple[ContrastiveModel, AugmentConfig]:
     """The model in eval mode and the evaluation view's settings (the training image size and normalisation)."""
-    from trainer.export import load_model, read_weights
+    from trainer.export import latest_weights, load_model_and_config
 
     path = Path(checkpoint)
     if path.is_dir():
-        from trainer.checkpoint import latest_checkpoint
-
-        found = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
-        if found is None:
-            raise ValueError(f"{path}: not a run directory with a complete checkpoint")
-        path = found / "model.safetensors"
+        path = latest_weights(path / "checkpoints")
     if path.suffix in (".pt", ".pth"):
         from trainer.slip_reference import load_reference_model
 
         model = load_reference_model(path, image_size=image_size)  # None: the size it was trained at
         return model.eval(), AugmentConfig(image_size=int(model.visual.patch_embed.img_size[0]))
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    _, config = read_weights(path)
-    augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["augment"].items()})
-    if image_size is not None:
-        augment = replace(augment, image_size=image_size)
-    return load_model(path).eval(), augment
+    model, cfg = load_model_and_config(path)
+    augment = cfg.augment if image_size is None else replace(cfg.augment, image_size=image_size)
+    return model, augment
 
 
 def dali_device(model: torch.nn.Module) -> dict:

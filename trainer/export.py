@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
+    from trainer.config import Config
     from trainer.models.contrastive import ContrastiveModel
 
 FORMAT = "slipstream-weights-v1"
@@ -84,6 +85,11 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> ContrastiveMod
 
     Strict: a key that is missing, unexpected or of another shape means the file and the
     code disagree about the architecture, and a half-loaded model would fail silently later."""
+    return load_model_and_config(path, device)[0]
+
+
+def load_model_and_config(path: Path, device: str | torch.device = "cpu") -> tuple[ContrastiveModel, Config]:
+    """`load_model`, with the config the file carries (one read of the file)."""
     from trainer.config import config_from_dict
     from trainer.models.from_config import model_from_config
 
@@ -95,7 +101,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> ContrastiveMod
         model = model_from_config(cfg)
     _check_fits(model.state_dict(), state, path)
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    return model.to(device).eval(), cfg
 
 
 def _check_fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -113,6 +119,16 @@ def _check_fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.
             raise ValueError(f"{path}: weights do not fit the model of its config: '{name}' has shape {got}, model wants {tuple(want.shape)}")
 
 
+def latest_weights(checkpoints: Path) -> Path:
+    """`model.safetensors` of the newest complete checkpoint under `checkpoints`."""
+    from trainer.checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(checkpoints) if Path(checkpoints).is_dir() else None
+    if found is None:
+        raise ValueError(f"{checkpoints}: no complete checkpoint")
+    return found / "model.safetensors"
+
+
 def export_run(run: Path, out: Path) -> Path:
     """Write the latest complete checkpoint of `run` as plain weights with the run's config; returns `out`."""
     from trainer.config import config_from_dict
@@ -126,10 +142,7 @@ def export_run(run: Path, out: Path) -> Path:
     checkpoints = run / "checkpoints"
     if not checkpoints.is_dir():
         raise ValueError(f"{run}: has no checkpoints/ directory: nothing to export")
-    found = _find_latest(checkpoints)
-    if found is None:
-        raise ValueError(f"{checkpoints}: no complete checkpoint to export")
-    state, _ = read_weights(found / "model.safetensors")
+    state, _ = read_weights(latest_weights(checkpoints))
     try:
         config = yaml.safe_load(config_file.read_text())
     except yaml.YAMLError:
@@ -138,25 +151,3 @@ def export_run(run: Path, out: Path) -> Path:
     config_from_dict(config, source=str(config_file))
     write_weights(state, out, config)
     return out
-
-
-def _find_latest(checkpoints: Path) -> Path | None:
-    try:
-        from trainer.checkpoint import latest_checkpoint
-    except ImportError as err:
-        if err.name != "trainer.checkpoint":
-            raise  # the module exists but is broken: hiding that would export the wrong thing
-        return _latest(checkpoints)
-    return latest_checkpoint(checkpoints)
-
-
-def _latest(checkpoints: Path) -> Path | None:
-    """The directory the `latest` pointer names, if it exists: enough to export without trainer.checkpoint."""
-    pointer = checkpoints / "latest"
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    if not tag or "/" in tag or tag in (".", ".."):
-        return None
-    directory = checkpoints / tag
-    return directory if directory.is_dir() else None

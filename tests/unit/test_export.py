@@ -203,17 +203,6 @@ def test_export_errors(tmp_path, cfg, capsys):
     _assert_cli_fails(capsys, run, out, str(weights))
 
 
-def test_fallback_latest_follows_the_pointer(tmp_path):
-    ckpts = tmp_path / "checkpoints"
-    assert export_mod._latest(ckpts) is None
-    (ckpts / TAG).mkdir(parents=True)
-    assert export_mod._latest(ckpts) is None  # no pointer yet: nothing is complete
-    (ckpts / "latest").write_text(f"  {TAG}\n")
-    assert export_mod._latest(ckpts) == ckpts / TAG
-    (ckpts / "latest").write_text("step-00000005")
-    assert export_mod._latest(ckpts) is None
-
-
 def test_load_model_names_a_missing_key(tmp_path, cfg, trained):
     state = dict(trained.state_dict())
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
