@@ -204,9 +204,10 @@ def _write_shard(out_dir: Path, index: int, rows: list[Prepared], first_index: i
     return {"file": path.name, "ids": ids_path.name, "samples": len(rows), "sha256": sha256_file(path)}
 
 
-def _settings(source: str, options: ConvertOptions) -> dict[str, Any]:
+def _settings(source: str, options: ConvertOptions, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What must match for a resumed conversion to continue the same dataset."""
     return {
+        **(extra or {}),
         "source": source,
         "tokenizer": TOKENIZER_NAME,
         "context_length": CONTEXT_LENGTH,
@@ -303,10 +304,12 @@ def convert(
     options: ConvertOptions = ConvertOptions(),
     resume: bool = False,
     progress: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `out_dir/shard-*.beton` (+ `.ids`) and `out_dir/manifest.json`; return the manifest."""
+    """Write `out_dir/shard-*.beton` (+ `.ids`) and `out_dir/manifest.json`; return the manifest.
+    `extra`: a source's own manifest keys (e.g. the class list of a labelled dataset)."""
     out_dir = Path(out_dir)
-    settings = _settings(source, options)
+    settings = _settings(source, options, extra)
     state, created = _start(out_dir, settings, resume)
     started = time.perf_counter()
     try:

@@ -1,11 +1,12 @@
 """Evaluation images through DALI, resized (shorter side) and center-cropped as SLIP evaluates.
 
 Two sources: a class-per-folder tree (ImageNet layout; labels are the indices of the sorted
-sub-folder names) and a converted `.beton` directory (in sample order, for retrieval). Every
-image is read exactly once.
+sub-folder names) and a converted `.beton` directory (in sample order; labelled when it was
+written by `slip convert classes`). Every image is read exactly once.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -15,16 +16,8 @@ from nvidia.dali import fn, pipeline_def, types
 
 from pipeline.augment import AugmentConfig, normalize
 from pipeline.reader import BetonDataset
-
-
-def class_folders(root: str | Path) -> list[str]:
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such image folder")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not names:
-        raise FileNotFoundError(f"{root}: no class sub-folders")
-    return names
+from pipeline.schema import MANIFEST
+from pipeline.sources.classes import class_list as class_folders  # one definition of a class tree's classes
 
 
 # What DALI's file reader picks up in a class folder (its default extensions).
@@ -107,3 +100,39 @@ def iter_beton(
         x = torch.from_dlpack(images.as_tensor())[:keep].clone()  # (b, 3, S, S)
         i = torch.from_numpy(np.asarray(index.as_cpu().as_tensor()).reshape(-1)[:keep].astype(np.int64))  # (b,)
         yield x, i
+
+
+@dataclass
+class LabelledImages:
+    """A labelled evaluation set, whichever form it is stored in."""
+
+    path: Path
+    classes: list[str]  # folder names, in label order
+    classnames: list[str] | None  # readable names recorded at conversion, if any
+    n_images: int
+
+    @property
+    def is_beton(self) -> bool:
+        return (self.path / MANIFEST).is_file()
+
+    def batches(self, augment: AugmentConfig, *, batch_size: int, threads: int = 2, device: str = "cpu", device_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images float32 [b, 3, S, S], labels int64 [b]), every image once, the last batch short."""
+        kw = {"batch_size": batch_size, "threads": threads, "device": device, "device_id": device_id}
+        if not self.is_beton:
+            yield from iter_folder(self.path, augment, **kw)
+            return
+        dataset = BetonDataset(self.path)
+        labels = torch.from_numpy(dataset.labels())  # (n,)
+        for images, index in iter_beton(dataset, augment, **kw):
+            yield images, labels[index]
+
+
+def labelled_images(path: str | Path) -> LabelledImages:
+    """A class-per-folder tree or a labelled converted dataset; the error names what is missing."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        dataset = BetonDataset(path)
+        if dataset.classes is None:
+            dataset.labels()  # raises: the dataset has no labels, and says how to make one
+        return LabelledImages(path, list(dataset.classes), dataset.manifest.get("classnames"), len(dataset))
+    return LabelledImages(path, class_folders(path), None, count_images(path))

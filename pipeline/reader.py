@@ -139,5 +139,22 @@ class BetonDataset:
         return out
 
     @property
+    def classes(self) -> list[str] | None:
+        """The class list of a labelled dataset (`slip convert classes`), else None."""
+        return self.manifest.get("classes")
+
+    def labels(self) -> np.ndarray:
+        """int64 [n]: each sample's class index, read from its id `<class>/<stem>`."""
+        from pipeline.sources import SourceError
+        from pipeline.sources.classes import labels_from_ids
+
+        if self.classes is None:
+            raise DatasetError(f"{self.directory}: has no labels; convert a class-per-folder tree with `slip convert classes`")
+        try:
+            return np.asarray(labels_from_ids(self.ids(), self.classes), dtype=np.int64)
+        except SourceError as err:
+            raise DatasetError(f"{self.directory}: {err}") from None
+
+    @property
     def nbytes(self) -> int:
         return sum(os.path.getsize(s.path) for s in self.shards)

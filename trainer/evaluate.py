@@ -7,16 +7,14 @@ with a progress bar; features are L2-normalised in fp32.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipeline.augment import AugmentConfig
+from trainer.eval_runtime import batch_bar, dali_device, eval_mode
 from trainer.models.contrastive import ContrastiveModel
 
 
@@ -33,18 +31,10 @@ def load_eval_model(checkpoint: str | Path, *, image_size: int | None = None) ->
         model = load_reference_model(path, image_size=image_size)  # None: the size it was trained at
         return model.eval(), AugmentConfig(image_size=int(model.visual.patch_embed.img_size[0]))
     model, cfg = load_model_and_config(path)
-    augment = cfg.augment if image_size is None else replace(cfg.augment, image_size=image_size)
-    return model, augment
-
-
-def dali_device(model: torch.nn.Module) -> dict:
-    """Decode where the model runs: nvJPEG on its GPU, or DALI's CPU operators."""
-    device = next(model.parameters()).device
-    return {"device": "gpu", "device_id": device.index or 0} if device.type == "cuda" else {"device": "cpu"}
-
-
-def _bar(iterable: Iterable, total: int, desc: str) -> Iterator:
-    return iter(tqdm(iterable, total=total, desc=desc, unit="batch", disable=os.environ.get("CI") == "true"))
+    if image_size is not None and image_size != cfg.augment.image_size:
+        # Its ViT's position embedding is fixed to the training grid; SLIP's releases are resampled on load.
+        raise ValueError(f"{path}: --image-size {image_size}: this model was trained at {cfg.augment.image_size} px and evaluates at that size")
+    return model, cfg.augment
 
 
 @torch.no_grad()
@@ -52,9 +42,10 @@ def image_features(model: ContrastiveModel, batches: Iterable[tuple[torch.Tensor
     """(features [n, d] fp32 unit rows, the batches' second outputs concatenated [n])."""
     device = next(model.parameters()).device
     feats, keys = [], []
-    for images, key in _bar(batches, total, desc):
-        feats.append(F.normalize(model.encode_image(images.to(device)).float(), dim=-1).cpu())  # (b, d)
-        keys.append(key)
+    with eval_mode(model):
+        for images, key in batch_bar(batches, total, desc):
+            feats.append(F.normalize(model.encode_image(images.to(device)).float(), dim=-1))  # (b, d), on the model's device
+            keys.append(key)
     return torch.cat(feats), torch.cat(keys)
 
 
@@ -62,8 +53,9 @@ def image_features(model: ContrastiveModel, batches: Iterable[tuple[torch.Tensor
 def text_features(model: ContrastiveModel, tokens: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """[n, d] fp32 unit rows for int64 tokens [n, 77]."""
     device = next(model.parameters()).device
-    out = [F.normalize(model.encode_text(tokens[i : i + batch_size].to(device)).float(), dim=-1).cpu()
-           for i in range(0, len(tokens), batch_size)]  # fmt: skip
+    with eval_mode(model):
+        out = [F.normalize(model.encode_text(tokens[i : i + batch_size].to(device)).float(), dim=-1)
+               for i in range(0, len(tokens), batch_size)]  # fmt: skip
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
@@ -72,13 +64,20 @@ def _needs_text(model: ContrastiveModel, what: str) -> None:
         raise ValueError(f"{what} needs a text tower; this model was trained without one (SimCLR): use `slip eval linear`")
 
 
-def default_prompts(n_classes: int) -> tuple[list[str], list[str]]:
-    """ImageNet's class names and CLIP's 80 prompt templates, from open_clip's zero-shot metadata."""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+def default_classnames(n_classes: int) -> list[str]:
+    """ImageNet's class names, from open_clip's zero-shot metadata."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     if n_classes != len(IMAGENET_CLASSNAMES):
-        raise ValueError(f"the folder has {n_classes} classes, not ImageNet's {len(IMAGENET_CLASSNAMES)}: give --classnames and --templates")
-    return list(IMAGENET_CLASSNAMES), [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]  # str.format templates
+        raise ValueError(f"the data has {n_classes} classes, not ImageNet's {len(IMAGENET_CLASSNAMES)}: give --classnames")
+    return list(IMAGENET_CLASSNAMES)
+
+
+def default_templates() -> list[str]:
+    """CLIP's 80 ImageNet prompt templates, from open_clip's zero-shot metadata, as str.format templates."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
 def _templates(lines: list[str]) -> list[str]:
@@ -98,23 +97,20 @@ def eval_zeroshot(
     batch_size: int = 256,
     threads: int = 2,
 ) -> dict[str, float]:
-    from pipeline.evaluation import class_folders
+    from pipeline.evaluation import labelled_images
     from trainer.zeroshot import zeroshot_accuracy
 
     _needs_text(model, "zero-shot classification")
-    n = len(class_folders(data))
-    if classnames is None or templates is None:
-        default_names, default_templates = default_prompts(n)
-        classnames = classnames or default_names
-        templates = templates or default_templates
+    if classnames is None:
+        found = labelled_images(data)  # a labelled .beton carries its class names; a folder does not
+        classnames = found.classnames or default_classnames(len(found.classes))
+    templates = templates or default_templates()
     return zeroshot_accuracy(model, data, classnames, _templates(templates), augment, batch_size=batch_size, threads=threads)
 
 
-def _folder_features(model: ContrastiveModel, augment: AugmentConfig, folder: str | Path, batch_size: int, threads: int, desc: str):
-    from pipeline.evaluation import count_images, iter_folder
-
-    total = -(-count_images(folder) // batch_size)
-    return image_features(model, iter_folder(folder, augment, batch_size=batch_size, threads=threads, **dali_device(model)), total, desc)
+def _labelled_features(model: ContrastiveModel, augment: AugmentConfig, data, batch_size: int, threads: int, desc: str):
+    batches = data.batches(augment, batch_size=batch_size, threads=threads, **dali_device(model))
+    return image_features(model, batches, -(-data.n_images // batch_size), desc)
 
 
 def eval_linear(
@@ -125,17 +121,19 @@ def eval_linear(
     *,
     batch_size: int = 256,
     threads: int = 2,
+    l2_grid: list[float] | None = None,
 ) -> dict:
     """Frozen image-tower features (before the projection heads, as SLIP's probe) and a logistic regression."""
-    from pipeline.evaluation import class_folders
+    from pipeline.evaluation import labelled_images
     from trainer.linear_probe import linear_probe
 
-    if class_folders(train) != class_folders(val):
-        raise ValueError(f"{train} and {val} have different class folders")
+    train_set, val_set = labelled_images(train), labelled_images(val)
+    if train_set.classes != val_set.classes:
+        raise ValueError(f"{train} and {val} have different classes")
     tower = _TowerOnly(model)
-    train_x, train_y = _folder_features(tower, augment, train, batch_size, threads, "linear probe: train features")
-    val_x, val_y = _folder_features(tower, augment, val, batch_size, threads, "linear probe: val features")
-    return linear_probe(train_x, train_y, val_x, val_y)
+    train_x, train_y = _labelled_features(tower, augment, train_set, batch_size, threads, "linear probe: train features")
+    val_x, val_y = _labelled_features(tower, augment, val_set, batch_size, threads, "linear probe: val features")
+    return linear_probe(train_x, train_y, val_x, val_y, l2_grid=l2_grid, n_classes=len(train_set.classes))
 
 
 class _TowerOnly(torch.nn.Module):
@@ -178,4 +176,3 @@ def eval_retrieval(
     return recall_at_k(images, texts, torch.tensor(owner, dtype=torch.int64))
 
 
-EVALS: dict[str, Callable] = {"zeroshot": eval_zeroshot, "linear": eval_linear, "retrieval": eval_retrieval}

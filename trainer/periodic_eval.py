@@ -5,7 +5,6 @@ takes part in gathering the partitioned weights first, so rank 0 sees the whole 
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,22 @@ class PeriodicEval:
         self.classnames = self.templates = None
         if self.every and self.zeroshot:
             self.classnames, self.templates = self._prompts(Path(self.zeroshot))
+            self._check_classes()
+        if self.every and self.retrieval:
+            from pipeline.reader import BetonDataset
+
+            BetonDataset(self.retrieval)  # a bad path fails now, not epochs into the run
+
+    def _check_classes(self) -> None:
+        """The class names must fit the data now: an evaluation failing epochs into a multi-rank
+        run would leave the other ranks waiting at its barrier."""
+        from pipeline.evaluation import labelled_images
+        from trainer.evaluate import default_classnames
+
+        data = labelled_images(self.zeroshot)
+        names = self.classnames or data.classnames or default_classnames(len(data.classes))
+        if len(names) != len(data.classes):
+            raise ValueError(f"config: eval.zeroshot {self.zeroshot} has {len(data.classes)} classes but {len(names)} class names")
 
     def _prompts(self, folder: Path) -> tuple[list[str] | None, list[str] | None]:
         from trainer.zeroshot import read_lines
@@ -46,9 +61,12 @@ class PeriodicEval:
     def run(self, engine: Any, world: int) -> dict[str, float]:
         """Collective: every rank calls it; rank 0 returns the figures, the others {}."""
         results: dict[str, float] = {}
-        with _whole_model(engine):
-            if self.is_main:
-                results = self._evaluate(engine.module)
+        if engine.zero_optimization_stage() == 3:
+            model = self._gathered_copy(engine)
+            if model is not None:
+                results = self._evaluate(model)
+        elif self.is_main:
+            results = self._evaluate(engine.module)
         if world > 1:
             import torch.distributed as dist
 
@@ -77,9 +95,20 @@ class PeriodicEval:
         return out
 
 
-def _whole_model(engine: Any) -> contextlib.AbstractContextManager:
-    if engine.zero_optimization_stage() == 3:
+    def _gathered_copy(self, engine: Any) -> Any:
+        """Collective: rank 0 gets a plain copy of the ZeRO-3 partitioned model, the others None.
+        Rank 0 cannot run the engine's module alone: each submodule's forward hook would start an
+        all-gather of its partitions that the other ranks never join."""
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-    return contextlib.nullcontext()
+        from trainer.models.from_config import model_from_config
+
+        module = engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if not self.is_main:
+                return None
+            state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not move the run's RNG
+            copy = model_from_config(self.cfg)
+        copy.load_state_dict(state)
+        return copy.to(next(iter(state.values())).device)

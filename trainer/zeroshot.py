@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.augment import AugmentConfig
-from pipeline.evaluation import class_folders, iter_folder
+from pipeline.evaluation import labelled_images
 from pipeline.text import tokenize
+from trainer.eval_runtime import batch_bar, dali_device, eval_mode
 from trainer.models.contrastive import ContrastiveModel
 
 
@@ -24,7 +25,8 @@ def class_embeddings(model: ContrastiveModel, classnames: list[str], templates: 
     """[C, d]: per class, the mean of its L2-normalised prompt embeddings, renormalised (CLIP's ensemble)."""
     rows = []
     for name in classnames:
-        tokens = torch.from_numpy(tokenize([t.format(name) for t in templates]).astype("int64")).to(device)  # (T, 77)
+        prompts = [t.replace("{}", name) for t in templates]  # not str.format: a template may hold other braces
+        tokens = torch.from_numpy(tokenize(prompts).astype("int64")).to(device)  # (T, 77)
         emb = F.normalize(model.encode_text(tokens).float(), dim=-1).mean(dim=0)  # (d,)
         rows.append(F.normalize(emb, dim=0))
     return torch.stack(rows)  # (C, d)
@@ -33,7 +35,7 @@ def class_embeddings(model: ContrastiveModel, classnames: list[str], templates: 
 @torch.no_grad()
 def zeroshot_accuracy(
     model: ContrastiveModel,
-    folder: str | Path,
+    source: str | Path,
     classnames: list[str],
     templates: list[str],
     augment: AugmentConfig,
@@ -41,24 +43,22 @@ def zeroshot_accuracy(
     batch_size: int = 256,
     threads: int = 2,
 ) -> dict[str, float]:
-    """Top-1 and top-5 (fractions in 0..1) over every image of a class-per-folder tree."""
-    folders = class_folders(folder)
-    if len(folders) != len(classnames):
-        raise ValueError(f"{folder}: {len(folders)} class folders but {len(classnames)} class names")
-    was_training = model.training
-    model.eval()
+    """Top-1 and top-5 (fractions in 0..1) over every image of a class-per-folder tree or a
+    labelled converted dataset."""
+    data = labelled_images(source)
+    if len(data.classes) != len(classnames):
+        raise ValueError(f"{source}: {len(data.classes)} classes but {len(classnames)} class names")
     device = next(model.parameters()).device
-    classes = class_embeddings(model, classnames, templates, device)
     k = min(5, len(classnames))
     top1 = top5 = total = 0
-    from trainer.evaluate import dali_device
-
-    for images, labels in iter_folder(folder, augment, batch_size=batch_size, threads=threads, **dali_device(model)):
-        feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)  # (b, d)
-        ranked = (feats @ classes.T).topk(k, dim=-1).indices.cpu()  # (b, k)
-        hits = ranked == labels[:, None]
-        top1 += int(hits[:, 0].sum())
-        top5 += int(hits.any(dim=-1).sum())
-        total += len(labels)
-    model.train(was_training)
+    with eval_mode(model):
+        classes = class_embeddings(model, classnames, templates, device)
+        batches = data.batches(augment, batch_size=batch_size, threads=threads, **dali_device(model))
+        for images, labels in batch_bar(batches, -(-data.n_images // batch_size), "zero-shot"):
+            feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)  # (b, d)
+            ranked = (feats @ classes.T).topk(k, dim=-1).indices.cpu()  # (b, k)
+            hits = ranked == labels[:, None]
+            top1 += int(hits[:, 0].sum())
+            top5 += int(hits.any(dim=-1).sum())
+            total += len(labels)
     return {"top1": top1 / total, "top5": top5 / total, "images": total, "classes": len(classnames)}

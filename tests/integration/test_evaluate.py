@@ -123,6 +123,61 @@ def test_retrieval_is_perfect_for_matched_features_and_chance_for_shuffled(raw: 
     assert shuffled["image_to_text"]["R@1"] <= 0.2 and shuffled["text_to_image"]["R@1"] <= 0.2
 
 
+def test_a_labelled_beton_evaluates_as_its_class_folders(raw: Path, tmp_path: Path, capsys) -> None:
+    from pipeline.evaluation import class_folders, labelled_images
+    from trainer.cli import main
+    from trainer.evaluate import eval_linear, eval_zeroshot
+
+    beton = tmp_path / "labelled"
+    argv = ["convert", "classes", "--images", str(raw / "zeroshot"), "--classnames", str(raw / "classnames.txt"),
+            "--out", str(beton), "--max-side", "64", "--workers", "1"]  # fmt: skip
+    assert main(argv) == 0
+    names = [n for n in (raw / "classnames.txt").read_text().split("\n") if n]
+    data = labelled_images(beton)
+    assert data.is_beton and data.classes == class_folders(raw / "zeroshot") and data.classnames == names
+    folder_labels = torch.cat([y for _, y in iter_folder(raw / "zeroshot", AUG, batch_size=16)])
+    beton_batches = list(data.batches(AUG, batch_size=16))
+    assert torch.equal(torch.cat([y for _, y in beton_batches]), folder_labels)  # the same images, in the same order
+    # The oracle, keyed on the .beton's own (re-encoded) pixels; the class names come from the manifest.
+    image_ids = {_key(x): int(y) for images, labels in beton_batches for x, y in zip(images, labels)}
+    templates = ["a photo of a {}."]
+    text_ids = {_key(torch.from_numpy(row)): c for c, n in enumerate(names) for row in tokenize([templates[0].format(n)]).astype(np.int64)}
+    r = eval_zeroshot(LookupModel(image_ids, text_ids, len(names)), AUG, beton, templates=templates, batch_size=16)
+    assert r["top1"] == 1.0 and r["images"] == len(folder_labels)
+    deranged = LookupModel(image_ids, text_ids, len(names), torch.roll(torch.arange(len(names)), 1))
+    assert eval_zeroshot(deranged, AUG, beton, templates=templates, batch_size=16)["top1"] == 0.0
+
+    more = shapes.generate(tmp_path / "more", shapes.ShapesSpec(seed=9, train_size=1, zeroshot_per_class=5), progress=False)
+    train_ids = {_key(x): int(y) for images, labels in iter_folder(more / "zeroshot", AUG, batch_size=16) for x, y in zip(images, labels)}
+
+    class LabelTower(nn.Module):  # a frozen 'tower' that knows each image's class: the probe must then be perfect
+        parts = ModelParts(clip=False, ssl=True)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(1))
+            self.lookup = LookupModel({**train_ids, **image_ids}, {}, len(names))
+            self.visual = self.lookup.encode_image
+
+    probe = eval_linear(LabelTower(), AUG, more / "zeroshot", beton, batch_size=16)  # a folder, then a .beton
+    assert probe["n_train"] == 5 * len(names) and probe["n_val"] == len(folder_labels)
+    assert probe["top1"] == 1.0  # the .beton's labels reach the probe aligned with its images
+    # A dataset without labels is one line naming it.
+    unlabelled = tmp_path / "unlabelled"
+    from pipeline.convert import ConvertOptions, convert
+    from pipeline.sources import folder
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(src / "a.jpg")
+    (src / "a.txt").write_text("a caption\n")
+    convert(folder.iter_samples(src), unlabelled, source="folder", options=ConvertOptions(max_side=64, workers=1), progress=False)
+    capsys.readouterr()
+    assert main(["eval", "zeroshot", "--checkpoint", str(tmp_path / "x.safetensors"), "--data", str(unlabelled)]) == 2
+    with pytest.raises(ValueError, match="has no labels"):
+        labelled_images(unlabelled)
+
+
 @pytest.mark.slow
 def test_a_trained_run_evaluates_from_the_command_line(raw: Path, tmp_path: Path, make_shapes_beton, capsys) -> None:
     from trainer.cli import main
@@ -145,6 +200,10 @@ def test_a_trained_run_evaluates_from_the_command_line(raw: Path, tmp_path: Path
     assert main(["eval", "linear", "--checkpoint", str(run), "--train", str(probe / "zeroshot"), "--val", str(raw / "zeroshot"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert 0 <= r["top1"] <= 1
+    # Another evaluation size than the training one is refused in one line (the position embedding is fixed).
+    capsys.readouterr()
+    assert main([*zs, "--image-size", "72"]) == 2
+    assert "trained at 64 px" in capsys.readouterr().err
     # A checkpoint that is not there is one line and exit 2.
     assert main(["eval", "zeroshot", "--checkpoint", str(tmp_path / "absent.safetensors"), "--data", str(raw / "zeroshot")]) == 2
 
@@ -164,3 +223,45 @@ def test_evaluation_during_training_is_logged_with_the_step(raw: Path, tmp_path:
     assert all(0 <= r["zeroshot_top1"] <= r["zeroshot_top5"] <= 1 for r in records if "zeroshot_top1" in r)
     with pytest.raises(ValueError, match="nothing to evaluate"):
         train(load_config("tiny_cpu", [*overrides[:-2], "eval.zeroshot=", "run.name=f"]), progress=False)
+    # Under ZeRO-3 rank 0 evaluates a gathered copy; the training losses are those of a run without evaluation.
+    train(load_config("tiny_cpu", [*overrides, "run.name=z3", "engine.zero_stage=3"]), progress=False)
+    train(load_config("tiny_cpu", [*overrides[:-3], "eval.every_epochs=0", "run.name=z3plain", "engine.zero_stage=3"]), progress=False)
+    z3 = [json.loads(line) for line in (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (tmp_path / "z3plain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in z3 if "zeroshot_top1" in r] == [1, 3, 4]
+    assert [r["loss"] for r in z3 if "loss" in r] == [r["loss"] for r in plain if "loss" in r]
+    # Class names that do not fit the data fail before the first step, not epochs into the run.
+    names = tmp_path / "names.txt"
+    names.write_text("just\ntwo\n")
+    with pytest.raises(ValueError, match="24 classes but 2 class names"):
+        train(load_config("tiny_cpu", [*overrides, "run.name=g", f"eval.classnames={names}"]), progress=False)
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_template_may_hold_other_braces() -> None:
+    from trainer.zeroshot import class_embeddings
+
+    class Recorder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[torch.Tensor] = []
+
+        def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+            self.seen.append(tokens)
+            return torch.randn(len(tokens), 8)
+
+    model = Recorder()
+    class_embeddings(model, ["cat", "dog"], ["a {} of {c}", "{}"], torch.device("cpu"))
+    want = tokenize(["a cat of {c}", "cat", "a dog of {c}", "dog"]).astype(np.int64)
+    assert torch.equal(torch.cat(model.seen), torch.from_numpy(want))
+
+
+def test_eval_command_line_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    from trainer.cli import main
+
+    base = ["eval", "zeroshot", "--checkpoint", str(tmp_path / "x.safetensors"), "--data", str(tmp_path)]
+    assert main([*base, "--batch-size", "0"]) == 2
+    assert "--batch-size and --threads must be positive" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*base, "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

@@ -65,6 +65,14 @@ def test_equal_held_out_accuracy_goes_to_the_larger_strength() -> None:
     assert r["l2"] == 1e-2
 
 
+def test_a_choice_at_the_end_of_the_grid_is_flagged() -> None:
+    x, y = _clusters(400, n_classes=3, probs=[0.7, 0.15, 0.15], seed=2)
+    inside = linear_probe(x[:300], y[:300], x[300:], y[300:], l2_grid=(1e3, 1e-3, 1e-5))
+    assert inside["l2"] == 1e-3 and not inside["at_edge"]  # 1e-5 ties it; the larger strength wins
+    edge = linear_probe(x[:300], y[:300], x[300:], y[300:], l2_grid=(1e3, 1e-3))
+    assert edge["l2"] == 1e-3 and edge["at_edge"]  # the smallest strength tried: a smaller one may be better
+
+
 @pytest.mark.parametrize("l2", [1e-4, 1e-1, 1e2])
 def test_the_solution_zeroes_the_gradient_of_the_objective(l2: float) -> None:
     g = torch.Generator().manual_seed(4)

@@ -391,7 +391,7 @@ def test_required_options_are_required(name: str) -> None:
 
 
 def test_registry_lists_every_source_in_order() -> None:
-    assert list(SOURCES) == ["coco", "cc", "yfcc", "redcaps", "wds", "csv", "folder"]
+    assert list(SOURCES) == ["coco", "cc", "yfcc", "redcaps", "wds", "csv", "folder", "classes"]
     for name, module in SOURCES.items():
         assert module.NAME == name
         assert module.HELP and "\n" not in module.HELP
