@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from torchvision import transforms
 
 from pipeline.augment import VIEWS, AugmentConfig
 from pipeline.reader import BetonDataset
+from pipeline.sampler import EpochSampler
 
 
 class PILGaussianBlur:
@@ -81,3 +83,28 @@ def reference_loader(
         persistent_workers=workers > 0,
         generator=generator,
     )
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """The sample indices of global steps start, start+1, ... as slipstream's loader draws them."""
+
+    def __init__(self, sampler: EpochSampler, start_step: int) -> None:
+        self.sampler, self.start_step = sampler, start_step
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield [int(i) for i in self.sampler.indices(step)]
+            step += 1
+
+
+def reference_batches(
+    dataset: BetonDataset, views: tuple[str, ...], cfg: AugmentConfig, sampler: EpochSampler, *, workers: int, start_step: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The reference pipeline over the same samples, step for step, as slipstream's training
+    loader: for `slip profile step` comparisons on the same data. Not resumable: it keeps no state."""
+    loader = DataLoader(
+        ReferenceDataset(dataset, views, cfg), batch_sampler=_StepBatches(sampler, start_step), num_workers=workers,
+        persistent_workers=workers > 0,
+    )  # fmt: skip
+    return iter(loader)

@@ -64,9 +64,11 @@ def _convert_options(args: argparse.Namespace) -> ConvertOptions:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from pipeline.convert import convert
 
-    samples = args.source_module.from_args(args)
+    module = args.source_module
+    extra = module.manifest_extra(args) if hasattr(module, "manifest_extra") else None
+    samples = module.from_args(args)
     try:
-        manifest = convert(samples, args.out, source=args.source, options=_convert_options(args), resume=args.resume)
+        manifest = convert(samples, args.out, source=args.source, options=_convert_options(args), resume=args.resume, extra=extra)
     except KeyboardInterrupt:
         print(f"slip: interrupted; complete shards are kept in {args.out}: rerun with --resume", file=sys.stderr)
         return 130
@@ -165,6 +167,81 @@ def _cmd_profile_loss(args: argparse.Namespace) -> int:
     return 0 if all("error" not in v for v in r["backends"].values()) else 1
 
 
+def _step_report(args: argparse.Namespace) -> dict:
+    from trainer.step_profile import compare_steps
+
+    overrides = [*([f"data.train={args.data}"] if args.data else []), *args.overrides]
+    variants = [v.split() for v in args.compare] if args.compare else [[]]
+    # Under a multi-rank launcher every rank must run the same configurations together, in its own process.
+    same_process = args.same_process or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return compare_steps(args.config, overrides, variants, warmup=args.warmup, steps=args.steps, fresh_processes=not same_process)
+
+
+def _write_step_chart(report: dict, path: str) -> None:
+    from trainer.profile_chart import stage_chart
+
+    bars = [(c["name"], c["stages_ms"]) for c in report["configs"] if "error" not in c]
+    if bars:
+        title = f"slip profile step: {report['recipe']}, median step, ms"
+        print(f"chart: {stage_chart(bars, path, title=title)}")
+
+
+def _cmd_profile_step(args: argparse.Namespace) -> int:
+    import json
+
+    from trainer.step_profile import format_table
+
+    report = _step_report(args)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    if args.png:
+        _write_step_chart(report, args.png)
+    return 0 if all("error" not in c for c in report["configs"]) else 1
+
+
+def _cmd_profile_all(args: argparse.Namespace) -> int:
+    """Pipeline, loss and step for one recipe: the three places a step's time can go."""
+    import json
+
+    from kernels.loss_bench import profile_loss
+    from pipeline.pipeline_bench import compare_pipelines
+    from trainer.config import load_config
+    from trainer.engine import pick_device
+    from trainer.step_profile import format_table
+
+    overrides = [*([f"data.train={args.data}"] if args.data else []), *args.overrides]
+    cfg = load_config(args.config, overrides)
+    if not cfg.data.train:
+        raise ValueError("config: data.train is empty; set it to a directory written by `slip convert` (or pass --data)")
+    device = pick_device(cfg.engine.device)
+    from trainer.objectives import get_objective
+
+    views = get_objective(cfg.model.objective).views
+    pipeline = compare_pipelines(
+        cfg.data.train, device="gpu" if device == "cuda" else "cpu", batch_size=cfg.data.batch_size,
+        image_size=cfg.augment.image_size, views=views, workers=cfg.data.threads, steps=args.steps,
+    )  # fmt: skip
+    backends = list(dict.fromkeys(["reference", cfg.loss.backend]))
+    dtype = "bfloat16" if cfg.engine.precision == "bf16" else "float32"
+    loss = profile_loss(cfg.data.batch_size, cfg.model.embed_dim, backends, device=device, dtype=dtype, repeats=3)
+    step = _step_report(args)
+    if args.json:
+        print(json.dumps({"pipeline": pipeline, "loss": loss, "step": step}, indent=2))
+    else:
+        p = pipeline
+        print(f"pipeline: {p['slipstream']['samples_per_s']:.1f} samples/s (DALI {p['device']}) vs "
+              f"{p['baseline']['samples_per_s']:.1f} (PIL + torchvision): {p['ratio']:.2f}x; batch {p['batch_size']}, {p['image_size']} px")  # fmt: skip
+        for name, v in loss["backends"].items():
+            extra = f", {v['time_ratio']:.2f}x time" if "time_ratio" in v else ""
+            print(f"loss {name}: " + (f"failed: {v['error']}" if "error" in v else f"{1e3 * v['seconds']:.1f} ms forward+backward{extra}, "
+                                       f"{v['extra_peak_bytes'] / 2**20:.0f} MiB extra"))  # fmt: skip
+        print(format_table(step))
+    if args.png:
+        _write_step_chart(step, args.png)
+    return 0 if all("error" not in c for c in step["configs"]) else 1
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -173,6 +250,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
+    if args.batch_size < 1 or args.threads < 1:
+        raise ValueError(f"--batch-size and --threads must be positive, got {args.batch_size} and {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA device")
     model, augment = load_eval_model(args.checkpoint, image_size=args.image_size)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)  # images are then decoded on that GPU too
@@ -183,8 +264,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         r = eval_zeroshot(model, augment, args.data, classnames=names, templates=templates, **common)
         line = f"zero-shot on {args.data}: top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}% ({r['images']} images, {r['classes']} classes)"
     elif args.kind == "linear":
-        r = eval_linear(model, augment, args.train, args.val, **common)
+        grid = [float(v) for v in args.l2.split(",") if v.strip()] if args.l2 else None
+        r = eval_linear(model, augment, args.train, args.val, l2_grid=grid, **common)
         line = f"linear probe {args.train} -> {args.val}: top-1 {100 * r['top1']:.2f}% (l2 {r['l2']:g}, {r['n_train']} train, {r['n_val']} val)"
+        if r["at_edge"]:
+            line += f"\nnote: l2 {r['l2']:g} is at the end of the grid; a wider --l2 grid may do better"
     else:
         r = eval_retrieval(model, augment, args.data, **common)
         fmt = lambda d: ", ".join(f"{k} {100 * v:.1f}%" for k, v in d.items())  # noqa: E731
@@ -197,13 +281,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="zero-shot, linear probe or retrieval of a checkpoint")
     kinds = ev.add_subparsers(dest="kind", required=True)
-    zs = kinds.add_parser("zeroshot", help="zero-shot classification of a class-per-folder image tree")
-    zs.add_argument("--data", required=True, help="one sub-folder per class (ImageNet layout)")
-    zs.add_argument("--classnames", help="one class name per line, in sorted folder order (default: ImageNet's)")
+    zs = kinds.add_parser("zeroshot", help="zero-shot classification of a class-per-folder tree or a labelled dataset")
+    zs.add_argument("--data", required=True, help="one sub-folder per class (ImageNet layout), or `slip convert classes` output")
+    zs.add_argument("--classnames", help="one class name per line, in sorted folder order (default: the dataset's, else ImageNet's)")
     zs.add_argument("--templates", help="one prompt per line with {} for the class (default: CLIP's 80)")
     lin = kinds.add_parser("linear", help="logistic regression on frozen image features")
-    lin.add_argument("--train", required=True, help="class-per-folder training images")
-    lin.add_argument("--val", required=True, help="class-per-folder validation images (the same classes)")
+    lin.add_argument("--train", required=True, help="class-per-folder training images, or `slip convert classes` output")
+    lin.add_argument("--val", required=True, help="validation images in either form (the same classes)")
+    lin.add_argument("--l2", help="L2 strengths to choose from, comma-separated (default: 1e-8 ... 1e2, a decade apart)")
     ret = kinds.add_parser("retrieval", help="image-text recall@1/5/10 on a captioned dataset")
     ret.add_argument("--data", required=True, help="directory written by `slip convert`")
     for p in (zs, lin, ret):
@@ -313,6 +398,26 @@ def build_parser() -> argparse.ArgumentParser:
     ploss.add_argument("--json", action="store_true", help="print the figures as JSON")
     ploss.set_defaults(func=_cmd_profile_loss)
 
+    for name, helptext, func in (
+        ("step", "the real training step, stage by stage: times, samples/s, data stall, memory, MFU", _cmd_profile_step),
+        ("all", "pipeline, loss and step of one recipe", _cmd_profile_all),
+    ):
+        p = targets.add_parser(name, help=helptext)
+        p.add_argument("--config", required=True, help="recipe name in configs/ or a YAML path")
+        p.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+        p.add_argument("--data", help="directory written by `slip convert` (sets data.train)")
+        p.add_argument("--compare", nargs="+", metavar="OVERRIDES",
+                       help='configurations side by side, each a quoted, space-separated set of overrides ("" for the recipe '
+                            'as is); ratios are against the first')  # fmt: skip
+        p.add_argument("--warmup", type=int, default=3, help="steps run first and not measured (default 3)")
+        p.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
+        p.add_argument("--json", action="store_true", help="print the figures as JSON")
+        p.add_argument("--png", help="write a stacked-bar chart of the stage breakdown to this file")
+        p.add_argument("--same-process", action="store_true",
+                       help="run the configurations one after another in this process, not each in a fresh one "
+                            "(quicker to start; peak memory is then this process's so far)")  # fmt: skip
+        p.set_defaults(func=func)
+
     _add_eval_parsers(sub)
 
     ver = sub.add_parser("verify", help="decode every sample and check tokens, text and checksums")
@@ -328,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_under_ci()
+    # The deepspeed launcher appends --local_rank=N (`deepspeed --module trainer.cli profile step ...`);
+    # the rank is read from the environment instead.
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

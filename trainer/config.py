@@ -43,8 +43,12 @@ class DataConfig:
     threads: int = 2  # DALI CPU threads per rank
     prefetch: int = 2  # batches DALI prepares ahead
     source_workers: int = 0  # processes reading JPEG bytes ahead for DALI (parallel external source); 0: in the trainer
+    loader: str = "dali"  # dali | reference (the SLIP reference's PIL + torchvision DataLoader: `slip profile step` only)
+    device: str = "auto"  # where DALI decodes and augments: auto (the GPU when training on one) | cpu | gpu
 
     def __post_init__(self) -> None:
+        _require(self.loader in ("dali", "reference"), f"data.loader must be one of ['dali', 'reference'], got '{self.loader}'")
+        _require(self.device in ("auto", "cpu", "gpu"), f"data.device must be one of ['auto', 'cpu', 'gpu'], got '{self.device}'")
         _require(self.batch_size > 0, "data.batch_size must be positive")
         _require(self.threads > 0, "data.threads must be positive")
         _require(self.prefetch > 0, "data.prefetch must be positive")

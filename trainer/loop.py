@@ -7,6 +7,7 @@ that is killed and resumed computes the same losses as one that was not.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -40,6 +41,7 @@ from trainer.optim import build_optimizer
 from trainer.periodic_eval import PeriodicEval
 from trainer.provenance import write_provenance
 from trainer.schedule import lr_at, plan_steps
+from trainer.stage_timer import StageTimer
 from trainer.task import ContrastiveTask
 
 
@@ -121,15 +123,25 @@ def _check_resumable(cfg: Config, world: int, meta: dict[str, Any], where: Path)
         )
 
 
-def train(cfg: Config, *, progress: bool = True) -> TrainResult:
-    dataset = BetonDataset(cfg.data.train)  # before any process group: a bad path fails fast, on every rank
-    device = pick_device(cfg.engine.device)
-    if cfg.run.wandb:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ValueError("config: run.wandb is true but wandb is not installed (pip install wandb)") from None
-    dist = init_distributed(device)
+@dataclass
+class StepParts:
+    """What one training step runs: the engine, the task, GradCache when micro-batching."""
+
+    engine: Any  # DeepSpeed's engine around the (parallelised) model
+    task: ContrastiveTask
+    grad_cache: Any  # a GradCache, or None
+    dist: DistInfo
+    peak: float  # the peak learning rate, scaled for the batch
+
+    def close(self) -> None:
+        # The optimizer's state and ZeRO's buffers go now, not whenever a cycle collector finds
+        # them: several runs in one process (tests, sweeps, profiles) would otherwise pile them up.
+        self.engine.destroy()
+        self.engine.optimizer = None
+
+
+def build_step(cfg: Config, dist: DistInfo, device: str) -> StepParts:
+    """The model at step 0 inside its DeepSpeed engine, and the task that computes its losses."""
     objective = get_objective(cfg.model.objective)
     model = init_model(cfg)
     if cfg.engine.activation_checkpointing:
@@ -142,11 +154,102 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
         cfg.data.batch_size, dist.world, zero_stage=cfg.engine.zero_stage, precision=cfg.engine.precision,
         grad_clip=o.grad_clip, micro_batches=cfg.engine.micro_batches, device=device,
     )  # fmt: skip
+    engine = build_engine(model, optimizer, ds_cfg)
+    task = ContrastiveTask(objective, cfg.loss, dist.group)
+    grad_cache = None
+    if cfg.engine.micro_batches > 1:
+        from trainer.gradcache import GradCache
+
+        grad_cache = GradCache(task, cfg.engine.micro_batches)
+    return StepParts(engine, task, grad_cache, dist, peak)
+
+
+def loader_device(cfg: Config, device: str) -> str:
+    """Where DALI decodes: `data.device`, or the GPU when training on one."""
+    if cfg.data.device == "gpu" and device != "cuda":
+        raise ValueError("config: data.device=gpu needs a CUDA device to train on")
+    if cfg.data.device == "auto":
+        return "gpu" if device == "cuda" else "cpu"
+    return cfg.data.device
+
+
+def build_loader(
+    cfg: Config, dataset: BetonDataset, sampler: EpochSampler, dist: DistInfo, device: str, start: int = 0, state: dict | None = None
+) -> Any:
+    """An iterator of batches in the batch contract, from global step `start`, on DALI's output device."""
+    objective = get_objective(cfg.model.objective)
+    if cfg.data.loader == "reference":
+        from pipeline.baseline import reference_batches
+
+        return reference_batches(dataset, objective.views, cfg.augment, sampler, workers=cfg.data.threads, start_step=start)
+    return ThreeViewLoader(
+        dataset,
+        sampler,
+        objective.views,
+        cfg.augment,
+        text=objective.text,
+        device=loader_device(cfg, device),
+        device_id=dist.local_rank,
+        threads=cfg.data.threads,
+        prefetch=cfg.data.prefetch,
+        source_workers=cfg.data.source_workers,
+        seed=cfg.run.seed * 1000 + dist.rank,
+        start_step=start,
+        state=state,
+    )
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on the engine's device: a no-op for DALI's GPU output, the host-to-device copy otherwise."""
+    return {k: v if v.device == device else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(
+    parts: StepParts, batch: dict[str, torch.Tensor], stop_requested: bool = False, stages: StageTimer | None = None
+) -> tuple[dict[str, torch.Tensor], bool, bool]:
+    """Forward, loss, backward and optimizer step on one batch: (losses, non-finite, stop now).
+
+    A non-finite loss on any rank skips the update on every rank (it would poison the weights);
+    the batch is consumed, so a bad batch is not retried forever. `stop now` is whether any rank
+    was asked to stop: every rank must take the same branch, or collectives hang. `stages`: the
+    profiler's timer (`slip profile step`), which marks the parts of the step it cannot wrap."""
+    engine, grad_cache = parts.engine, parts.grad_cache
+    stage = stages.stage if stages is not None else lambda _: contextlib.nullcontext()
+    with stage("h2d"):
+        batch = to_device(batch, parts.dist.device)
+    with stage("loss"):
+        losses = grad_cache.loss(engine, batch) if grad_cache else parts.task(engine, batch)
+    nonfinite, stop_now = _agree([not bool(torch.isfinite(losses["loss"]).all()), stop_requested], parts.dist)
+    if nonfinite:
+        if grad_cache:
+            grad_cache.discard()
+    elif grad_cache:
+        with stage("backward"):  # each chunk's tower forward, backward and step mark their own stages
+            grad_cache.backward_and_step(engine)
+    else:
+        engine.backward(losses["loss"])
+        engine.step()
+    return losses, nonfinite, stop_now
+
+
+def train(cfg: Config, *, progress: bool = True) -> TrainResult:
+    dataset = BetonDataset(cfg.data.train)  # before any process group: a bad path fails fast, on every rank
+    device = pick_device(cfg.engine.device)
+    if cfg.run.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("config: run.wandb is true but wandb is not installed (pip install wandb)") from None
+    if cfg.data.loader != "dali":
+        raise ValueError("config: data.loader=reference (the SLIP reference's PIL pipeline) is for `slip profile step` comparisons; train with data.loader=dali")
+    loader_device(cfg, device)  # a bad data.device fails before any process group
+    dist = init_distributed(device)
     # ZeRO-3 swaps torch.nn.functional.linear for its own (memory-saving, numerically not
     # bitwise the same) for the rest of the process; it is put back when the run ends, so a
     # later run in this process computes as a fresh process does.
     linear = torch.nn.functional.linear
-    engine = build_engine(model, optimizer, ds_cfg)
+    parts = build_step(cfg, dist, device)
+    engine, peak = parts.engine, parts.peak
     checkpoints = CheckpointManager(cfg.run_dir / "checkpoints", rank=dist.rank, world=dist.world, keep=cfg.run.keep)
     checkpoints.attach(engine)
     resumed = None
@@ -160,29 +263,9 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     if rank_state is not None:
         torch.set_rng_state(rank_state["torch_rng"])
 
-    task = ContrastiveTask(objective, cfg.loss, dist.group)
-    grad_cache = None
-    if cfg.engine.micro_batches > 1:
-        from trainer.gradcache import GradCache
-
-        grad_cache = GradCache(task, cfg.engine.micro_batches)
     sampler = EpochSampler(len(dataset), cfg.data.batch_size, seed=cfg.run.seed, rank=dist.rank, world=dist.world)
     plan = plan_steps(cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.steps, sampler.steps_per_epoch)
-    loader = ThreeViewLoader(
-        dataset,
-        sampler,
-        objective.views,
-        cfg.augment,
-        text=objective.text,
-        device="gpu" if device == "cuda" else "cpu",
-        device_id=dist.local_rank,
-        threads=cfg.data.threads,
-        prefetch=cfg.data.prefetch,
-        source_workers=cfg.data.source_workers,
-        seed=cfg.run.seed * 1000 + dist.rank,
-        start_step=start,
-        state=rank_state["loader"] if rank_state is not None else None,
-    )
+    loader = build_loader(cfg, dataset, sampler, dist, device, start, rank_state["loader"] if rank_state is not None else None)
     loader.replaced = counters.get("replaced_samples", 0)
     periodic = PeriodicEval(cfg, plan.steps_per_epoch, plan.total, dist.is_main)
     # Everything is built: only now does the run directory get its files.
@@ -214,21 +297,11 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
                 t0 = time.perf_counter()
                 batch = next(loader)
                 t1 = time.perf_counter()
-                losses = grad_cache.loss(engine, batch) if grad_cache else task(engine, batch)
-                nonfinite, stop_now = _agree([not bool(torch.isfinite(losses["loss"]).all()), stop.requested], dist)
+                losses, nonfinite, stop_now = train_step(parts, batch, stop.requested)
                 if nonfinite:
-                    # The update would poison the weights: skip it. The batch is consumed, so a
-                    # bad batch is not retried forever.
-                    if grad_cache:
-                        grad_cache.discard()
                     counters["nonfinite_skipped"] += 1
                     counters["nonfinite_in_a_row"] += 1
                 else:
-                    if grad_cache:
-                        grad_cache.backward_and_step(engine)
-                    else:
-                        engine.backward(losses["loss"])
-                        engine.step()
                     counters["nonfinite_in_a_row"] = 0
                 log_now = step % cfg.run.log_every == 0 or step + 1 == plan.total or nonfinite
                 if log_now and dist.device.type == "cuda":
@@ -266,10 +339,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
         bar.close()
         logger.close()
         loader.close()  # DALI's threads and source workers, even when the run stops by exception
-        # The optimizer's state and ZeRO's buffers go now, not whenever a cycle collector finds
-        # them: several runs in one process (tests, sweeps) would otherwise pile them up.
-        engine.destroy()
-        engine.optimizer = None
+        parts.close()
         torch.nn.functional.linear = linear
     return TrainResult(engine.module, step, last, run_dir, dist, resumed_from=start, stopped_by_signal=stopped_by_signal)
 

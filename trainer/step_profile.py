@@ -1,0 +1,246 @@
+"""`slip profile step`: the real training step, timed stage by stage, side by side over configs.
+
+Each configuration builds the trainer's own parts (`loop.build_step`, `loop.build_loader`) and
+runs `loop.train_step`, the function the training loop runs, with a `StageTimer` marking it
+from outside. Warm-up steps are run first and not reported. The step is synchronised once at
+its end; its wall time is measured independently of the stages, so that the two can be
+compared (they agree within the clock's overhead).
+
+After the measured steps the loader runs alone for a few batches: its per-batch cost (read,
+and decode + augment) is what the prefetching hides behind the step; `data_wait` is the part
+it could not hide. Configurations of one comparison run one after another in fresh processes
+(their peak memory is their own) on the same samples: the sampler is a pure function of the
+seed and the step, which every configuration shares unless an override changes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.config import Config, load_config
+from trainer.stage_timer import STAGES, StageTimer, instrument
+
+
+def _median(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def _loader_alone(loader: Any, dataset: Any, sampler: Any, start: int, batches: int) -> dict[str, float]:
+    """Per-batch milliseconds of the loader with nothing else running: reading the step's JPEG
+    bytes (copied out of the memory map, as the decoder's input), and the rest (decode + augment)."""
+    skip = getattr(loader, "prefetch", 0)  # batches already waiting in DALI's queue cost nothing
+    for _ in range(skip):
+        next(loader)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    per_batch = 1e3 * (time.perf_counter() - t0) / batches
+    t0 = time.perf_counter()
+    for step in range(start, start + batches):
+        for i in sampler.indices(step):
+            np.array(dataset.jpeg(int(i)))  # a copy: the bytes really leave the page cache
+    read = 1e3 * (time.perf_counter() - t0) / batches
+    return {"read_ms": read, "decode_augment_ms": max(per_batch - read, 0.0), "batch_ms": per_batch}
+
+
+def device_peak(cfg: Config) -> tuple[float, str]:
+    """(peak FLOP/s of one device at the recipe's precision, where the figure comes from): the
+    datasheet's for a known GPU, else a matmul measured here. Measured once per comparison, so
+    that every configuration's MFU is against the same peak."""
+    from trainer.engine import pick_device
+    from trainer.flops import device_peak_flops, measured_peak_flops
+
+    device = torch.device(pick_device(cfg.engine.device))
+    dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+    known = device_peak_flops(device, dtype)
+    return known if known is not None else (measured_peak_flops(device, dtype), f"measured {str(dtype)[6:]} matmul peak of this {device.type}")
+
+
+def _flops(cfg: Config, step_ms: float, world: int, peak: tuple[float, str]) -> dict[str, Any]:
+    from trainer.flops import mfu, step_flops
+
+    count = step_flops(cfg, cfg.data.batch_size)
+    per_device = count.train_flops / world / (step_ms / 1e3)  # FLOP/s each device achieved
+    peak, source = peak
+    return {
+        "train_flops_per_step": count.train_flops,
+        "achieved_flops_per_device": per_device,
+        "peak_flops": peak,
+        "peak_source": source,
+        "mfu": mfu(per_device, peak),
+    }
+
+
+def profile_step(
+    cfg: Config, *, warmup: int = 3, steps: int = 10, loader_batches: int = 3, peak: tuple[float, str] | None = None
+) -> dict[str, Any]:
+    """Stage times of `steps` training steps after `warmup` ones, on this process's rank.
+    `peak`: the device's (FLOP/s, source) for MFU; measured here when not given."""
+    from pipeline.reader import BetonDataset
+    from pipeline.sampler import EpochSampler
+    from trainer.engine import init_distributed, pick_device, set_lr
+    from trainer.loop import build_loader, build_step, loader_device, train_step
+    from trainer.metrics import peak_memory_bytes
+
+    if not cfg.data.train:
+        raise ValueError("config: data.train is empty; set it to a directory written by `slip convert` (or pass --data)")
+    if warmup < 0 or steps < 1:
+        raise ValueError(f"--warmup must be >= 0 and --steps >= 1, got {warmup} and {steps}")
+    dataset = BetonDataset(cfg.data.train)
+    device = pick_device(cfg.engine.device)
+    dali_device = loader_device(cfg, device) if cfg.data.loader == "dali" else "cpu"
+    dist = init_distributed(device)
+    linear = torch.nn.functional.linear  # ZeRO-3 replaces it process-wide; see loop.train
+    parts = build_step(cfg, dist, device)
+    sampler = EpochSampler(len(dataset), cfg.data.batch_size, seed=cfg.run.seed, rank=dist.rank, world=dist.world)
+    loader = build_loader(cfg, dataset, sampler, dist, device)
+    set_lr(parts.engine, parts.peak)
+    timer = StageTimer(dist.device)
+    rows, walls, digest = [], [], hashlib.sha256()
+    try:
+        with instrument(timer, parts.engine):
+            for step in range(warmup + steps):
+                if step == warmup and dist.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dist.device)
+                t0 = time.perf_counter()
+                timer.begin_step()
+                with timer.stage("data_wait"):
+                    batch = next(loader)
+                index = batch["index"].cpu().numpy()
+                train_step(parts, batch, stages=timer)
+                stages = timer.end_step()  # synchronises the device
+                wall = 1e3 * (time.perf_counter() - t0)
+                if step >= warmup:
+                    rows.append(stages)
+                    walls.append(wall)
+                    digest.update(index.astype(np.int64).tobytes())
+        memory = peak_memory_bytes(dist.device)
+        alone = _loader_alone(loader, dataset, sampler, warmup + steps, loader_batches)
+    finally:
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
+        parts.close()
+        torch.nn.functional.linear = linear
+    stages = _median(rows)
+    step_ms = statistics.median(walls)
+    return {
+        "device": str(dist.device),
+        "world": dist.world,
+        "batch_size": cfg.data.batch_size,
+        "loader": cfg.data.loader if cfg.data.loader == "reference" else f"dali-{dali_device}",
+        "warmup": warmup,
+        "steps": steps,
+        "stages_ms": stages,
+        "stage_sum_ms": sum(stages.values()),
+        "step_ms": step_ms,
+        "per_step": [{"step_ms": w, "stages_ms": r} for w, r in zip(walls, rows)],
+        "samples_per_s": cfg.data.batch_size / (step_ms / 1e3),
+        "data_stall": stages["data_wait"] / step_ms,
+        "peak_memory_bytes": memory,
+        "loader_alone": alone,
+        "samples_digest": digest.hexdigest()[:16],  # the same in every config that read the same samples
+        **_flops(cfg, step_ms, dist.world, peak or device_peak(cfg)),
+    }
+
+
+def _child(recipe: str, overrides: list[str], warmup: int, steps: int, peak: tuple[float, str], queue: Any) -> None:
+    try:
+        queue.put(profile_step(load_config(recipe, overrides), warmup=warmup, steps=steps, peak=peak))
+    except Exception as err:  # reported by the parent as this configuration's failure
+        queue.put({"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
+
+
+def _result(proc: Any, queue: Any) -> dict[str, Any]:
+    """The child's report, read before joining it: a child whose report is still in the queue's
+    pipe cannot exit, so join-then-read could wait forever."""
+    import queue as queues
+
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except queues.Empty:
+            if not proc.is_alive():
+                try:
+                    return queue.get(timeout=1.0)
+                except queues.Empty:
+                    return {"error": f"exited with code {proc.exitcode}"}
+
+
+def compare_steps(
+    recipe: str, overrides: list[str], variants: list[list[str]], *, warmup: int = 3, steps: int = 10, fresh_processes: bool = True
+) -> dict[str, Any]:
+    """profile_step per variant (the recipe + `overrides` + the variant's overrides), in order,
+    each in a fresh process unless `fresh_processes` is False (under a multi-rank launcher, where
+    every rank must run the same configurations in the same order); ratios against the first."""
+    variants = variants or [[]]
+    for v in variants:  # a bad key or dataset fails here, in one line, before minutes of profiling
+        cfg = load_config(recipe, [*overrides, *v])
+        if not cfg.data.train:
+            raise ValueError("config: data.train is empty; set it to a directory written by `slip convert` (or pass --data)")
+        from pipeline.reader import BetonDataset
+
+        BetonDataset(cfg.data.train)
+    peak = device_peak(load_config(recipe, [*overrides, *variants[0]]))
+    results = []
+    for v in variants:
+        if fresh_processes:
+            ctx = mp.get_context("spawn")
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_child, args=(recipe, [*overrides, *v], warmup, steps, peak, queue))
+            proc.start()
+            r = _result(proc, queue)
+            proc.join()
+        else:
+            try:
+                r = profile_step(load_config(recipe, [*overrides, *v]), warmup=warmup, steps=steps, peak=peak)
+            except Exception as err:
+                r = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+        results.append({"name": " ".join(v) or "base", "overrides": v, **r})
+    first = results[0]
+    for r in results[1:]:
+        if "error" not in r and "error" not in first:
+            r["step_ratio"] = r["step_ms"] / first["step_ms"]
+            r["throughput_ratio"] = r["samples_per_s"] / first["samples_per_s"]
+    return {"recipe": recipe, "overrides": overrides, "stages": list(STAGES), "configs": results}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The comparison as a terminal table: stages as rows, configurations as columns."""
+    configs = report["configs"]
+    width = max(16, *(len(c["name"]) + 2 for c in configs))
+    head = f"{'':22s}" + "".join(f"{c['name']:>{width}s}" for c in configs)
+    lines = [f"slip profile step: {report['recipe']} {' '.join(report['overrides'])}".rstrip(), head]
+
+    def row(label: str, cell) -> None:
+        lines.append(f"{label:22s}" + "".join(f"{(cell(c) if 'error' not in c else '-'):>{width}s}" for c in configs))
+
+    ok = [c for c in configs if "error" not in c]
+    if ok:
+        c0 = ok[0]
+        lines[0] += f"  [{c0['device']}, {c0['world']} rank(s), batch {c0['batch_size']}, median of {c0['steps']} steps after {c0['warmup']} warm-up]"
+    for stage in report["stages"]:
+        row(stage, lambda c, s=stage: f"{c['stages_ms'][s]:.1f} ms {100 * c['stages_ms'][s] / c['step_ms']:3.0f}%")
+    row("sum of stages", lambda c: f"{c['stage_sum_ms']:.1f} ms")
+    row("step (wall clock)", lambda c: f"{c['step_ms']:.1f} ms")
+    row("samples/s", lambda c: f"{c['samples_per_s']:.1f}" + (f" {c['throughput_ratio']:.2f}x" if "throughput_ratio" in c else ""))
+    row("data stall", lambda c: f"{100 * c['data_stall']:.1f}%")
+    row("peak memory", lambda c: f"{c['peak_memory_bytes'] / 2**30:.2f} GiB")
+    row("MFU", lambda c: f"{100 * c['mfu']:.1f}%")
+    row("loader: read", lambda c: f"{c['loader_alone']['read_ms']:.1f} ms")
+    row("loader: decode+aug", lambda c: f"{c['loader_alone']['decode_augment_ms']:.1f} ms")
+    row("loader", lambda c: c["loader"])
+    for c in ok[:1]:
+        lines.append(f"MFU: {c['train_flops_per_step'] / 1e9:.1f} GFLOP per step (analytic, 3x forward), "
+                     f"against {c['peak_flops'] / 1e12:.3g} TFLOP/s per device ({c['peak_source']})")  # fmt: skip
+    lines.append("loader: per batch with nothing else running; prefetching hides it behind the step, data_wait is what it could not hide")
+    for c in configs:
+        if "error" in c:
+            lines.append(f"{c['name']}: failed: {c['error']}")
+    return "\n".join(lines)
