@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -167,14 +168,34 @@ def _cmd_profile_loss(args: argparse.Namespace) -> int:
     return 0 if all("error" not in v for v in r["backends"].values()) else 1
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """What libraries print while measuring (DeepSpeed's logs and build messages, at the file
+    descriptor level, child processes included) goes to stderr: stdout carries only the report."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _step_report(args: argparse.Namespace) -> dict:
     from trainer.step_profile import compare_steps
 
+    if args.warmup < 0 or args.steps < 1:
+        raise ValueError(f"--warmup must be 0 or more and --steps at least 1, got {args.warmup} and {args.steps}")
+    if args.png and not Path(args.png).resolve().parent.is_dir():
+        raise FileNotFoundError(f"{Path(args.png).parent}: no such directory for --png")
     overrides = [*([f"data.train={args.data}"] if args.data else []), *args.overrides]
     variants = [v.split() for v in args.compare] if args.compare else [[]]
     # Under a multi-rank launcher every rank must run the same configurations together, in its own process.
     same_process = args.same_process or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return compare_steps(args.config, overrides, variants, warmup=args.warmup, steps=args.steps, fresh_processes=not same_process)
+    with _stdout_to_stderr():
+        return compare_steps(args.config, overrides, variants, warmup=args.warmup, steps=args.steps, fresh_processes=not same_process)
 
 
 def _write_step_chart(report: dict, path: str) -> None:
@@ -183,7 +204,7 @@ def _write_step_chart(report: dict, path: str) -> None:
     bars = [(c["name"], c["stages_ms"]) for c in report["configs"] if "error" not in c]
     if bars:
         title = f"slip profile step: {report['recipe']}, median step, ms"
-        print(f"chart: {stage_chart(bars, path, title=title)}")
+        print(f"chart: {stage_chart(bars, path, title=title)}", file=sys.stderr)
 
 
 def _cmd_profile_step(args: argparse.Namespace) -> int:
@@ -210,6 +231,8 @@ def _cmd_profile_all(args: argparse.Namespace) -> int:
     from trainer.engine import pick_device
     from trainer.step_profile import format_table
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("slip profile all runs in one process; under a launcher use `slip profile step`")
     overrides = [*([f"data.train={args.data}"] if args.data else []), *args.overrides]
     cfg = load_config(args.config, overrides)
     if not cfg.data.train:
@@ -218,13 +241,14 @@ def _cmd_profile_all(args: argparse.Namespace) -> int:
     from trainer.objectives import get_objective
 
     views = get_objective(cfg.model.objective).views
-    pipeline = compare_pipelines(
-        cfg.data.train, device="gpu" if device == "cuda" else "cpu", batch_size=cfg.data.batch_size,
-        image_size=cfg.augment.image_size, views=views, workers=cfg.data.threads, steps=args.steps,
-    )  # fmt: skip
     backends = list(dict.fromkeys(["reference", cfg.loss.backend]))
     dtype = "bfloat16" if cfg.engine.precision == "bf16" else "float32"
-    loss = profile_loss(cfg.data.batch_size, cfg.model.embed_dim, backends, device=device, dtype=dtype, repeats=3)
+    with _stdout_to_stderr():
+        pipeline = compare_pipelines(
+            cfg.data.train, device="gpu" if device == "cuda" else "cpu", batch_size=cfg.data.batch_size,
+            image_size=cfg.augment.image_size, views=views, workers=cfg.data.threads, steps=args.steps,
+        )  # fmt: skip
+        loss = profile_loss(cfg.data.batch_size, cfg.model.embed_dim, backends, device=device, dtype=dtype, repeats=3)
     step = _step_report(args)
     if args.json:
         print(json.dumps({"pipeline": pipeline, "loss": loss, "step": step}, indent=2))

@@ -1,14 +1,20 @@
 """Where a training step's time goes: a timeline of stages, marked from outside the step.
 
 The profiler does not change the step it measures: it wraps the loader's `next`, the engine's
-`backward` and `step`, DeepSpeed's gradient-reduction collectives, and puts forward hooks on
-the two towers. Each of those marks the timeline when it starts and ends; the time between two
-marks belongs to the stage that was innermost then. Stages therefore tile the step without
-gaps or overlaps, and the part of the step no wrapper covers is reported as `other`.
+`backward` and `step`, DeepSpeed's gradient reductions, and puts forward hooks on the two
+towers. Each of those marks the timeline when it starts and ends; the time between two marks
+belongs to the stage that was innermost then. Stages therefore tile each step without gaps or
+overlaps, and the part of a step no wrapper covers is reported as `other`.
 
-Clocks: on a GPU, CUDA events recorded on the current stream (the step is synchronised once at
-its end, so every event has completed when it is read); on the CPU, where every operation
-(gloo collectives included) returns when it is done, the host's perf_counter.
+Clocks: on a GPU, CUDA events recorded on the compute stream (the stream the step was started
+on), so that every mark is a point on one timeline; nothing synchronises the device between
+steps, as nothing does in training, and the events are read once, after the last step. A
+stage's time is then how long the compute stream took from one mark to the next, including
+any wait for the host (which is how `data_wait` shows a stall). DeepSpeed's `overlap_comm`
+issues its reductions on a side stream: those run behind the backward, so they are not a
+stage but are summed apart (`overlapped_comm_ms`); what the step waits for at the end of the
+backward (the reduction epilogue) is `grad_reduce`. On the CPU, where every operation (gloo
+collectives included) returns when it is done, the clock is the host's perf_counter.
 """
 from __future__ import annotations
 
@@ -27,28 +33,39 @@ STAGES = ("data_wait", "h2d", "vision_fwd", "text_fwd", "loss", "backward", "gra
 # package's attributes sees them; the loss's own collectives call torch.distributed directly and
 # stay in the stage they run in.
 _REDUCTIONS = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_fn", "reduce_scatter_tensor", "inference_all_reduce")
+# The ZeRO optimizers' end of backward: the last buckets reduced, then a wait for the reduction stream.
+_EPILOGUES = ("independent_gradient_partition_epilogue", "reduce_gradients")
 
 
 class StageTimer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.device = device
+        self.stream: Any = None  # the compute stream, fixed at the first step
         self._stack: list[str] = []
-        self._marks: list[tuple[str, Any]] = []  # (stage that ends here, clock reading)
+        self._steps: list[list[tuple[str, Any]]] = []  # per step: (stage that ends here, clock reading)
+        self._overlapped: list[list[tuple[Any, Any]]] = []  # per step: side-stream (start, end) events
 
     def _now(self) -> Any:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(self.stream)
             return event
         return time.perf_counter()
 
     def _mark(self) -> None:
-        self._marks.append((self._stack[-1] if self._stack else "other", self._now()))
+        if self._steps:  # before the first step (warm-up) the wrappers only keep the stack
+            self._steps[-1].append((self.current or "other", self._now()))
 
     def begin_step(self) -> None:
-        self._stack, self._marks = [], []
-        self._mark()
+        """Starts a measured step (and ends the previous one at the same instant)."""
+        if self.cuda and self.stream is None:
+            self.stream = torch.cuda.current_stream(self.device)
+        now = self._now()
+        if self._steps:
+            self._steps[-1].append((self.current or "other", now))
+        self._steps.append([("start", now)])
+        self._overlapped.append([])
 
     def enter(self, stage: str) -> None:
         self._mark()
@@ -70,21 +87,58 @@ class StageTimer:
     def current(self) -> str | None:
         return self._stack[-1] if self._stack else None
 
-    def end_step(self) -> dict[str, float]:
-        """Milliseconds per stage of the step just run (all of STAGES, zeros included)."""
-        self._mark()
+    def on_side_stream(self) -> bool:
+        return self.cuda and self.stream is not None and torch.cuda.current_stream(self.device) != self.stream
+
+    @contextlib.contextmanager
+    def overlapped(self) -> Iterator[None]:
+        """A collective issued on a side stream: timed on that stream, outside the tiling."""
+        if not self._steps:
+            yield
+            return
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._overlapped[-1].append((start, end))
+
+    def finish(self) -> list[dict[str, float]]:
+        """Ends the last step and reads every clock: per measured step, milliseconds per stage
+        (all of STAGES) and `overlapped_comm_ms`. Synchronises the device once."""
+        if not self._steps:
+            return []
+        self._steps[-1].append((self.current or "other", self._now()))
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        out = dict.fromkeys(STAGES, 0.0)
-        for (_, before), (stage, after) in zip(self._marks, self._marks[1:]):
-            out[stage] += before.elapsed_time(after) if self.cuda else 1e3 * (after - before)
-        return out
+        rows = []
+        for marks, side in zip(self._steps, self._overlapped):
+            row = dict.fromkeys(STAGES, 0.0)
+            for (_, before), (stage, after) in zip(marks, marks[1:]):
+                row[stage] += before.elapsed_time(after) if self.cuda else 1e3 * (after - before)
+            row["overlapped_comm_ms"] = sum(a.elapsed_time(b) for a, b in side)
+            rows.append(row)
+        self._steps, self._overlapped = [], []
+        return rows
 
 
-def _wrap(timer: StageTimer, stage: str, fn: Callable, only_in: str | None = None) -> Callable:
+def _reduction(timer: StageTimer, fn: Callable, stage: str = "grad_reduce") -> Callable:
+    """A gradient reduction: a stage when the backward waits for it, apart when it overlaps."""
+
     def timed(*args: Any, **kwargs: Any) -> Any:
-        if only_in is not None and timer.current != only_in:
+        if timer.current != "backward":  # e.g. the optimizer's grad-norm all-reduce stays `optimizer`
             return fn(*args, **kwargs)
+        if timer.on_side_stream():
+            with timer.overlapped():
+                return fn(*args, **kwargs)
+        with timer.stage(stage):
+            return fn(*args, **kwargs)
+
+    return timed
+
+
+def _staged(timer: StageTimer, stage: str, fn: Callable) -> Callable:
+    def timed(*args: Any, **kwargs: Any) -> Any:
         with timer.stage(stage):
             return fn(*args, **kwargs)
 
@@ -106,14 +160,19 @@ def instrument(timer: StageTimer, engine: Any) -> Iterator[None]:
             hooks.append(tower.register_forward_hook(lambda *_: timer.leave()))
     saved_comm = {name: getattr(ds_comm, name) for name in _REDUCTIONS if hasattr(ds_comm, name)}
     for name, fn in saved_comm.items():
-        setattr(ds_comm, name, _wrap(timer, "grad_reduce", fn, only_in="backward"))
-    # Instance attributes shadow the class's methods; deleting them restores the originals.
-    engine.backward = _wrap(timer, "backward", type(engine).backward.__get__(engine))
-    engine.step = _wrap(timer, "optimizer", type(engine).step.__get__(engine))
+        setattr(ds_comm, name, _reduction(timer, fn))
+    optimizer = engine.optimizer
+    epilogues = [name for name in _EPILOGUES if callable(getattr(type(optimizer), name, None))]
+    for name in epilogues:  # instance attributes shadow the class's methods; deleting them restores them
+        setattr(optimizer, name, _reduction(timer, getattr(type(optimizer), name).__get__(optimizer)))
+    engine.backward = _staged(timer, "backward", type(engine).backward.__get__(engine))
+    engine.step = _staged(timer, "optimizer", type(engine).step.__get__(engine))
     try:
         yield
     finally:
         del engine.backward, engine.step
+        for name in epilogues:
+            delattr(optimizer, name)
         for name, fn in saved_comm.items():
             setattr(ds_comm, name, fn)
         for h in hooks:

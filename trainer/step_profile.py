@@ -2,9 +2,10 @@
 
 Each configuration builds the trainer's own parts (`loop.build_step`, `loop.build_loader`) and
 runs `loop.train_step`, the function the training loop runs, with a `StageTimer` marking it
-from outside. Warm-up steps are run first and not reported. The step is synchronised once at
-its end; its wall time is measured independently of the stages, so that the two can be
-compared (they agree within the clock's overhead).
+from outside. Warm-up steps run first and are not reported. Nothing synchronises the device
+between measured steps (training does not either); the stage clocks are read after the last
+one. The measured steps' wall-clock time is read apart from the stages, so that the two can be
+compared: they agree within the clocks' overhead.
 
 After the measured steps the loader runs alone for a few batches: its per-batch cost (read,
 and decode + augment) is what the prefetching hides behind the step; `data_wait` is the part
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
+import os
 import statistics
 import time
+import traceback
 from typing import Any
 
 import numpy as np
@@ -32,8 +35,10 @@ def _median(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _loader_alone(loader: Any, dataset: Any, sampler: Any, start: int, batches: int) -> dict[str, float]:
-    """Per-batch milliseconds of the loader with nothing else running: reading the step's JPEG
-    bytes (copied out of the memory map, as the decoder's input), and the rest (decode + augment)."""
+    """The loader with nothing else running, per batch: its time with all its threads
+    (throughput), and of that the reading of the batch's JPEG bytes (copied out of the memory
+    map, one thread, on steps it has not read yet). With the bytes read in the trainer's thread
+    (data.source_workers=0) the two are serial, and the rest is decode + augment."""
     skip = getattr(loader, "prefetch", 0)  # batches already waiting in DALI's queue cost nothing
     for _ in range(skip):
         next(loader)
@@ -41,10 +46,11 @@ def _loader_alone(loader: Any, dataset: Any, sampler: Any, start: int, batches: 
     for _ in range(batches):
         next(loader)
     per_batch = 1e3 * (time.perf_counter() - t0) / batches
+    ahead = start + skip + batches + 8  # past anything prefetched
     t0 = time.perf_counter()
-    for step in range(start, start + batches):
+    for step in range(ahead, ahead + batches):
         for i in sampler.indices(step):
-            np.array(dataset.jpeg(int(i)))  # a copy: the bytes really leave the page cache
+            np.array(dataset.jpeg(int(i)))  # a copy: the bytes really leave the file
     read = 1e3 * (time.perf_counter() - t0) / batches
     return {"read_ms": read, "decode_augment_ms": max(per_batch - read, 0.0), "batch_ms": per_batch}
 
@@ -97,39 +103,42 @@ def profile_step(
     dali_device = loader_device(cfg, device) if cfg.data.loader == "dali" else "cpu"
     dist = init_distributed(device)
     linear = torch.nn.functional.linear  # ZeRO-3 replaces it process-wide; see loop.train
-    parts = build_step(cfg, dist, device)
-    sampler = EpochSampler(len(dataset), cfg.data.batch_size, seed=cfg.run.seed, rank=dist.rank, world=dist.world)
-    loader = build_loader(cfg, dataset, sampler, dist, device)
-    set_lr(parts.engine, parts.peak)
-    timer = StageTimer(dist.device)
-    rows, walls, digest = [], [], hashlib.sha256()
+    parts = loader = None
     try:
+        parts = build_step(cfg, dist, device)
+        sampler = EpochSampler(len(dataset), cfg.data.batch_size, seed=cfg.run.seed, rank=dist.rank, world=dist.world)
+        loader = build_loader(cfg, dataset, sampler, dist, device)
+        set_lr(parts.engine, parts.peak)
+        timer = StageTimer(dist.device)
+        indices = []
         with instrument(timer, parts.engine):
-            for step in range(warmup + steps):
-                if step == warmup and dist.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dist.device)
-                t0 = time.perf_counter()
+            for _ in range(warmup):
+                train_step(parts, next(loader))
+            if dist.device.type == "cuda":
+                torch.cuda.synchronize(dist.device)
+                torch.cuda.reset_peak_memory_stats(dist.device)
+            started = time.perf_counter()
+            for _ in range(steps):  # as in training: no synchronisation between steps
                 timer.begin_step()
                 with timer.stage("data_wait"):
                     batch = next(loader)
-                index = batch["index"].cpu().numpy()
+                indices.append(batch["index"])  # read after the last step: a copy now would synchronise
                 train_step(parts, batch, stages=timer)
-                stages = timer.end_step()  # synchronises the device
-                wall = 1e3 * (time.perf_counter() - t0)
-                if step >= warmup:
-                    rows.append(stages)
-                    walls.append(wall)
-                    digest.update(index.astype(np.int64).tobytes())
+            rows = timer.finish()
+            wall = 1e3 * (time.perf_counter() - started) / steps
         memory = peak_memory_bytes(dist.device)
         alone = _loader_alone(loader, dataset, sampler, warmup + steps, loader_batches)
     finally:
         close = getattr(loader, "close", None)
         if close is not None:
             close()
-        parts.close()
+        if parts is not None:
+            parts.close()
         torch.nn.functional.linear = linear
+    digest = hashlib.sha256(b"".join(i.cpu().numpy().astype(np.int64).tobytes() for i in indices))
+    overlapped = [r.pop("overlapped_comm_ms") for r in rows]
     stages = _median(rows)
-    step_ms = statistics.median(walls)
+    step_ms = statistics.median(sum(r.values()) for r in rows)
     return {
         "device": str(dist.device),
         "world": dist.world,
@@ -138,9 +147,10 @@ def profile_step(
         "warmup": warmup,
         "steps": steps,
         "stages_ms": stages,
-        "stage_sum_ms": sum(stages.values()),
-        "step_ms": step_ms,
-        "per_step": [{"step_ms": w, "stages_ms": r} for w, r in zip(walls, rows)],
+        "step_ms": step_ms,  # the median step: the sum of its stages
+        "wall_ms": wall,  # the measured steps' wall-clock time over their number, read apart from the stages
+        "overlapped_comm_ms": statistics.median(overlapped),
+        "per_step": rows,
         "samples_per_s": cfg.data.batch_size / (step_ms / 1e3),
         "data_stall": stages["data_wait"] / step_ms,
         "peak_memory_bytes": memory,
@@ -150,11 +160,18 @@ def profile_step(
     }
 
 
+def _failure(err: Exception) -> dict[str, str]:
+    out = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+    if os.environ.get("SLIP_DEBUG"):
+        out["traceback"] = traceback.format_exc()
+    return out
+
+
 def _child(recipe: str, overrides: list[str], warmup: int, steps: int, peak: tuple[float, str], queue: Any) -> None:
     try:
         queue.put(profile_step(load_config(recipe, overrides), warmup=warmup, steps=steps, peak=peak))
     except Exception as err:  # reported by the parent as this configuration's failure
-        queue.put({"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
+        queue.put(_failure(err))
 
 
 def _result(proc: Any, queue: Any) -> dict[str, Any]:
@@ -187,9 +204,16 @@ def compare_steps(
         from pipeline.reader import BetonDataset
 
         BetonDataset(cfg.data.train)
-    peak = device_peak(load_config(recipe, [*overrides, *variants[0]]))
+    peaks: dict[tuple[str, str], tuple[float, str]] = {}  # measured once per device and precision: comparable MFUs
+    for v in variants:
+        cfg = load_config(recipe, [*overrides, *v])
+        key = (cfg.engine.device, cfg.engine.precision)
+        if key not in peaks:
+            peaks[key] = device_peak(cfg)
     results = []
     for v in variants:
+        cfg = load_config(recipe, [*overrides, *v])
+        peak = peaks[(cfg.engine.device, cfg.engine.precision)]
         if fresh_processes:
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
@@ -201,7 +225,7 @@ def compare_steps(
             try:
                 r = profile_step(load_config(recipe, [*overrides, *v]), warmup=warmup, steps=steps, peak=peak)
             except Exception as err:
-                r = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+                r = _failure(err)
         results.append({"name": " ".join(v) or "base", "overrides": v, **r})
     first = results[0]
     for r in results[1:]:
@@ -227,8 +251,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines[0] += f"  [{c0['device']}, {c0['world']} rank(s), batch {c0['batch_size']}, median of {c0['steps']} steps after {c0['warmup']} warm-up]"
     for stage in report["stages"]:
         row(stage, lambda c, s=stage: f"{c['stages_ms'][s]:.1f} ms {100 * c['stages_ms'][s] / c['step_ms']:3.0f}%")
-    row("sum of stages", lambda c: f"{c['stage_sum_ms']:.1f} ms")
-    row("step (wall clock)", lambda c: f"{c['step_ms']:.1f} ms")
+    row("step (median)", lambda c: f"{c['step_ms']:.1f} ms")
+    row("step (wall, mean)", lambda c: f"{c['wall_ms']:.1f} ms")
+    row("comm behind backward", lambda c: f"{c['overlapped_comm_ms']:.1f} ms")
     row("samples/s", lambda c: f"{c['samples_per_s']:.1f}" + (f" {c['throughput_ratio']:.2f}x" if "throughput_ratio" in c else ""))
     row("data stall", lambda c: f"{100 * c['data_stall']:.1f}%")
     row("peak memory", lambda c: f"{c['peak_memory_bytes'] / 2**30:.2f} GiB")
@@ -237,9 +262,10 @@ def format_table(report: dict[str, Any]) -> str:
     row("loader: decode+aug", lambda c: f"{c['loader_alone']['decode_augment_ms']:.1f} ms")
     row("loader", lambda c: c["loader"])
     for c in ok[:1]:
-        lines.append(f"MFU: {c['train_flops_per_step'] / 1e9:.1f} GFLOP per step (analytic, 3x forward), "
-                     f"against {c['peak_flops'] / 1e12:.3g} TFLOP/s per device ({c['peak_source']})")  # fmt: skip
-    lines.append("loader: per batch with nothing else running; prefetching hides it behind the step, data_wait is what it could not hide")
+        lines.append(f"MFU: {c['train_flops_per_step'] / 1e9:.1f} GFLOP per step (analytic: 3x the forward of both towers, text at "
+                     f"its full context; recompute by GradCache or checkpointing not counted), against "
+                     f"{c['peak_flops'] / 1e12:.3g} TFLOP/s per device ({c['peak_source']})")  # fmt: skip
+    lines.append("loader: per batch, running alone (throughput); prefetching hides it behind the step, data_wait is what it could not hide")
     for c in configs:
         if "error" in c:
             lines.append(f"{c['name']}: failed: {c['error']}")
