@@ -7,20 +7,15 @@ minus what the process held once the embeddings existed: the loss's own working 
 from __future__ import annotations
 
 import multiprocessing as mp
-import resource
 import time
 from typing import Any
 
 import torch
 
 from . import contrastive
+from .peak_memory import peak_bytes, reset_peak, resident_bytes
 
 SSL_DIM = 256  # the SimCLR head's output width in SLIP
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def _measure(backend: str, batch: int, dim: int, device: str, dtype: str, repeats: int, queue) -> None:
@@ -33,8 +28,8 @@ def _measure(backend: str, batch: int, dim: int, device: str, dtype: str, repeat
         times = []
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else _resident_bytes()
+        reset_peak(dev)
+        before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else resident_bytes()
         for _ in range(repeats):
             start = time.perf_counter()
             out = contrastive.slip_loss(leaves[0], leaves[1], scale, leaves[2], leaves[3], backend=backend)
@@ -42,10 +37,7 @@ def _measure(backend: str, batch: int, dim: int, device: str, dtype: str, repeat
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - start)
-        if dev.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(dev)
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peak = peak_bytes(dev)
         queue.put({"seconds": min(times), "extra_peak_bytes": max(0, peak - before), "loss": float(out["loss"].detach())})
     except Exception as err:  # reported by the parent as this backend's failure
         queue.put({"error": f"{type(err).__name__}: {err}"})

@@ -203,7 +203,7 @@ def _write_step_chart(report: dict, path: str) -> None:
 
     bars = [(c["name"], c["stages_ms"]) for c in report["configs"] if "error" not in c]
     if bars:
-        title = f"slip profile step: {report['recipe']}, median step, ms"
+        title = f"slip profile step: {report['recipe']}, median of each stage, ms"
         print(f"chart: {stage_chart(bars, path, title=title)}", file=sys.stderr)
 
 
@@ -278,26 +278,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size and --threads must be positive, got {args.batch_size} and {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this machine has no CUDA device")
-    model, augment = load_eval_model(args.checkpoint, image_size=args.image_size)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)  # images are then decoded on that GPU too
-    common = {"batch_size": args.batch_size, "threads": args.threads}
-    if args.kind == "zeroshot":
-        names = read_lines(args.classnames) if args.classnames else None
-        templates = read_lines(args.templates) if args.templates else None
-        r = eval_zeroshot(model, augment, args.data, classnames=names, templates=templates, **common)
-        line = f"zero-shot on {args.data}: top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}% ({r['images']} images, {r['classes']} classes)"
-    elif args.kind == "linear":
-        grid = [float(v) for v in args.l2.split(",") if v.strip()] if args.l2 else None
-        r = eval_linear(model, augment, args.train, args.val, l2_grid=grid, **common)
-        line = f"linear probe {args.train} -> {args.val}: top-1 {100 * r['top1']:.2f}% (l2 {r['l2']:g}, {r['n_train']} train, {r['n_val']} val)"
-        if r["at_edge"]:
-            line += f"\nnote: l2 {r['l2']:g} is at the end of the grid; a wider --l2 grid may do better"
-    else:
-        r = eval_retrieval(model, augment, args.data, **common)
-        fmt = lambda d: ", ".join(f"{k} {100 * v:.1f}%" for k, v in d.items())  # noqa: E731
-        line = (f"retrieval on {args.data} ({r['images']} images, {r['captions']} captions): "
-                f"image->text {fmt(r['image_to_text'])}; text->image {fmt(r['text_to_image'])}")  # fmt: skip
+    with _stdout_to_stderr():  # stdout carries the figures alone
+        model, augment = load_eval_model(args.checkpoint, image_size=args.image_size)
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model = model.to(device)  # images are then decoded on that GPU too
+        common = {"batch_size": args.batch_size, "threads": args.threads}
+        if args.kind == "zeroshot":
+            names = read_lines(args.classnames) if args.classnames else None
+            templates = read_lines(args.templates) if args.templates else None
+            r = eval_zeroshot(model, augment, args.data, classnames=names, templates=templates, **common)
+            line = f"zero-shot on {args.data}: top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}% ({r['images']} images, {r['classes']} classes)"
+        elif args.kind == "linear":
+            grid = [float(v) for v in args.l2.split(",") if v.strip()] if args.l2 else None
+            r = eval_linear(model, augment, args.train, args.val, l2_grid=grid, **common)
+            line = f"linear probe {args.train} -> {args.val}: top-1 {100 * r['top1']:.2f}% (l2 {r['l2']:g}, {r['n_train']} train, {r['n_val']} val)"
+            if r["at_edge"]:
+                line += f"\nnote: l2 {r['l2']:g} is at the end of the grid; a wider --l2 grid may do better"
+        else:
+            r = eval_retrieval(model, augment, args.data, **common)
+            fmt = lambda d: ", ".join(f"{k} {100 * v:.1f}%" for k, v in d.items())  # noqa: E731
+            line = (f"retrieval on {args.data} ({r['images']} images, {r['captions']} captions): "
+                    f"image->text {fmt(r['image_to_text'])}; text->image {fmt(r['text_to_image'])}")  # fmt: skip
     print(json.dumps(r, indent=2) if args.json else line)
     return 0
 

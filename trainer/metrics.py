@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ from pipeline.atomic import write_text_atomic
 
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process so far: CUDA allocator peak on a GPU, peak RSS on the CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    from kernels.peak_memory import peak_bytes
+
+    return peak_bytes(device)
 
 
 def _truncate_jsonl(path: Path, first_step: int) -> None:

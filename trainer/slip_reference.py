@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -62,7 +63,10 @@ def read_reference_state(path: str | Path) -> dict[str, torch.Tensor]:
         # The released files pickle the training `args` (an argparse.Namespace of plain values);
         # allowing that one class is far narrower than weights_only=False, which runs any code.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            # Memory-mapped: a ViT-L release is gigabytes, and its tensors are read once, when the
+            # model copies them. Files in torch's pre-1.6 format cannot be mapped; they are read whole.
+            zipped = zipfile.is_zipfile(path)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
         # torch's weights-only refusal opens with a paragraph of advice; the line naming the
         # refused global ("unsupported GLOBAL os.system ...") is the one that says what is wrong.

@@ -92,6 +92,7 @@ def profile_step(
     from pipeline.sampler import EpochSampler
     from trainer.engine import init_distributed, pick_device, set_lr
     from trainer.loop import build_loader, build_step, loader_device, train_step
+    from kernels.peak_memory import reset_peak
     from trainer.metrics import peak_memory_bytes
 
     if not cfg.data.train:
@@ -116,7 +117,7 @@ def profile_step(
                 train_step(parts, next(loader))
             if dist.device.type == "cuda":
                 torch.cuda.synchronize(dist.device)
-                torch.cuda.reset_peak_memory_stats(dist.device)
+            reset_peak(dist.device)  # the peak of the measured steps, not of start-up
             started = time.perf_counter()
             for _ in range(steps):  # as in training: no synchronisation between steps
                 timer.begin_step()
