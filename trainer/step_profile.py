@@ -39,7 +39,11 @@ def _loader_alone(loader: Any, dataset: Any, sampler: Any, start: int, batches: 
     (throughput), and of that the reading of the batch's JPEG bytes (copied out of the memory
     map, one thread, on steps it has not read yet). With the bytes read in the trainer's thread
     (data.source_workers=0) the two are serial, and the rest is decode + augment."""
-    skip = getattr(loader, "prefetch", 0)  # batches already waiting in DALI's queue cost nothing
+    # Batches already waiting cost nothing: DALI's prefetch queue, or a torch DataLoader's
+    # prefetch_factor batches per worker (private attributes of its iterator; 0 if they move).
+    skip = getattr(loader, "prefetch", None)
+    if skip is None:
+        skip = getattr(loader, "_num_workers", 0) * getattr(loader, "_prefetch_factor", 0)
     for _ in range(skip):
         next(loader)
     t0 = time.perf_counter()
@@ -91,8 +95,8 @@ def profile_step(
     from pipeline.reader import BetonDataset
     from pipeline.sampler import EpochSampler
     from trainer.engine import init_distributed, pick_device, set_lr
-    from trainer.loop import build_loader, build_step, loader_device, train_step
     from kernels.peak_memory import reset_peak
+    from trainer.loop import build_loader, build_step, loader_device, train_step
     from trainer.metrics import peak_memory_bytes
 
     if not cfg.data.train:
@@ -168,7 +172,14 @@ def _failure(err: Exception) -> dict[str, str]:
     return out
 
 
+# What a launcher (or an earlier in-process run) put in the environment: a fresh child makes a
+# process group of its own, on a port of its own, instead of one its parent may still hold.
+_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _child(recipe: str, overrides: list[str], warmup: int, steps: int, peak: tuple[float, str], queue: Any) -> None:
+    for name in _LAUNCH_ENV:
+        os.environ.pop(name, None)
     try:
         queue.put(profile_step(load_config(recipe, overrides), warmup=warmup, steps=steps, peak=peak))
     except Exception as err:  # reported by the parent as this configuration's failure

@@ -20,6 +20,19 @@ def beton(tmp_path_factory: pytest.TempPathFactory, make_shapes_beton) -> Path:
     return make_shapes_beton(tmp_path_factory.mktemp("profile"), train_size=64)
 
 
+_HELD = []
+
+
+def _held_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    _HELD.append(s)  # kept open (and the port taken) for the session
+    return s.getsockname()[1]
+
+
 def _json_in(out: str) -> dict:
     """The --json report among whatever else DeepSpeed printed to stdout."""
     lines = out.splitlines()
@@ -40,8 +53,12 @@ def _check_config(c: dict) -> None:
     assert c["loader_alone"]["decode_augment_ms"] >= 0 and c["loader_alone"]["read_ms"] > 0
 
 
-def test_stages_add_up_and_a_comparison_reads_the_same_samples(beton: Path, tmp_path: Path, capsys) -> None:
+def test_stages_add_up_and_a_comparison_reads_the_same_samples(beton: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     from trainer.cli import main
+
+    # As after an in-process training run: this process holds a process group's port. The
+    # fresh processes of a comparison must not try to listen on it.
+    monkeypatch.setenv("MASTER_PORT", str(_held_port()))
 
     png = tmp_path / "breakdown.png"
     base = ["profile", "step", "--config", "tiny_cpu", "--data", str(beton), *COMMON, "--warmup", "1", "--steps", "3", "--json"]
@@ -58,6 +75,7 @@ def test_stages_add_up_and_a_comparison_reads_the_same_samples(beton: Path, tmp_
     with Image.open(png) as image:
         assert image.format == "PNG"
     # In this process, one after another: the same samples unless the seed changes.
+    monkeypatch.undo()  # (a process that held a group's port has that group initialised: not simulated here)
     assert main([*base, "--same-process", "--compare", "loss.backend=reference", "run.seed=1"]) == 0
     again = _json_in(capsys.readouterr().out)
     for c in again["configs"]:
@@ -97,7 +115,8 @@ def test_a_delay_shows_in_its_stage(beton: Path, monkeypatch) -> None:
     slow = profile_step(cfg, warmup=1, steps=3, peak=(1e12, "given"))
     assert calls["all_reduce"] > 0
     per_step_reduces = calls["all_reduce"] / 4  # 1 warm-up + 3 measured steps
-    assert slow["stages_ms"]["optimizer"] - plain["stages_ms"]["optimizer"] == pytest.approx(50, abs=25)
+    # At least the sleep; the rest is this shared machine's noise between two runs.
+    assert 45 <= slow["stages_ms"]["optimizer"] - plain["stages_ms"]["optimizer"] < 200
     assert slow["stages_ms"]["grad_reduce"] >= 20 * per_step_reduces * 0.9
     for stage in ("vision_fwd", "backward"):  # unchanged within this machine's noise
         assert slow["stages_ms"][stage] < plain["stages_ms"][stage] * 1.5 + 10
