@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.linear_probe import fit_logistic, holdout_split, linear_probe
+from trainer.linear_probe import _objective, fit_logistic, holdout_split, linear_probe
 
 SMALL_GRID = (1e-4, 1e-2, 1.0)  # three fits instead of nine keep the tests quick
 
@@ -160,3 +160,20 @@ def test_a_held_out_split_with_nothing_in_it_is_refused() -> None:
 def test_fit_logistic_refuses_a_nonpositive_strength() -> None:
     with pytest.raises(ValueError, match="l2 must be positive"):
         fit_logistic(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), 2, 0.0)
+
+
+def test_a_warm_start_reaches_the_same_minimiser() -> None:
+    x, y = _clusters(300, n_classes=4, seed=7)
+    x = F.normalize(x.double(), dim=-1)
+    cold_w, cold_b = fit_logistic(x, y, 4, 1e-4)
+    start = fit_logistic(x, y, 4, 1e-1)
+    warm_w, warm_b = fit_logistic(x, y, 4, 1e-4, init=start)
+    # Near-separable clusters at a small l2 make the minimum flat (curvature about l2): the two
+    # solutions agree in the objective and in their predictions, and their weights to about
+    # tol / l2 (1e-4), as two cold starts from different points would.
+    cold, warm = _objective(x, y, cold_w, cold_b, 1e-4), _objective(x, y, warm_w, warm_b, 1e-4)
+    assert float(warm) == pytest.approx(float(cold), rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(warm_w, cold_w, rtol=0, atol=1e-3)
+    assert torch.equal((x @ warm_w.T + warm_b).argmax(-1), (x @ cold_w.T + cold_b).argmax(-1))
+    with pytest.raises(ValueError, match="init: expected weight"):
+        fit_logistic(x, y, 4, 1e-4, init=(start[0][:2], start[1]))
