@@ -48,15 +48,23 @@ def iter_folder(
         jpegs, labels = fn.readers.file(file_root=str(root), random_shuffle=False, pad_last_batch=True, name="reader")
         return _eval_view(jpegs, augment, device), labels
 
+    pipe = _built(graph, batch_size, threads, device, device_id)
+    yield from _batches(pipe, pipe.epoch_size("reader"), batch_size)
+
+
+def _built(graph, batch_size: int, threads: int, device: str, device_id: int):
     pipe = graph(batch_size=batch_size, num_threads=threads, device_id=device_id if device == "gpu" else None, seed=0)
     pipe.build()
-    remaining = pipe.epoch_size("reader")
-    while remaining > 0:
-        images, labels = pipe.run()
-        keep = min(remaining, batch_size)
+    return pipe
+
+
+def _batches(pipe, n: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The pipeline's (views, int64 second output) for n samples; the last, padded batch is cut to n."""
+    for start in range(0, n, batch_size):
+        images, second = pipe.run()
+        keep = min(n - start, batch_size)
         x = torch.from_dlpack(images.as_tensor())[:keep].clone()  # (b, 3, S, S)
-        y = torch.from_numpy(np.asarray(labels.as_cpu().as_tensor()).reshape(-1)[:keep].astype(np.int64))  # (b,)
-        remaining -= keep
+        y = torch.from_numpy(np.asarray(second.as_cpu().as_tensor()).reshape(-1)[:keep].astype(np.int64))  # (b,)
         yield x, y
 
 
@@ -92,14 +100,7 @@ def iter_beton(
         jpegs, index = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
         return _eval_view(jpegs, augment, device), index
 
-    pipe = graph(batch_size=batch_size, num_threads=threads, device_id=device_id if device == "gpu" else None, seed=0)
-    pipe.build()
-    for start in range(0, n, batch_size):
-        images, index = pipe.run()
-        keep = min(n - start, batch_size)
-        x = torch.from_dlpack(images.as_tensor())[:keep].clone()  # (b, 3, S, S)
-        i = torch.from_numpy(np.asarray(index.as_cpu().as_tensor()).reshape(-1)[:keep].astype(np.int64))  # (b,)
-        yield x, i
+    yield from _batches(_built(graph, batch_size, threads, device, device_id), n, batch_size)
 
 
 @dataclass
@@ -110,20 +111,20 @@ class LabelledImages:
     classes: list[str]  # folder names, in label order
     classnames: list[str] | None  # readable names recorded at conversion, if any
     n_images: int
+    dataset: BetonDataset | None = None  # the converted dataset, opened once; None for a folder tree
 
     @property
     def is_beton(self) -> bool:
-        return (self.path / MANIFEST).is_file()
+        return self.dataset is not None
 
     def batches(self, augment: AugmentConfig, *, batch_size: int, threads: int = 2, device: str = "cpu", device_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images float32 [b, 3, S, S], labels int64 [b]), every image once, the last batch short."""
         kw = {"batch_size": batch_size, "threads": threads, "device": device, "device_id": device_id}
-        if not self.is_beton:
+        if self.dataset is None:
             yield from iter_folder(self.path, augment, **kw)
             return
-        dataset = BetonDataset(self.path)
-        labels = torch.from_numpy(dataset.labels())  # (n,)
-        for images, index in iter_beton(dataset, augment, **kw):
+        labels = torch.from_numpy(self.dataset.labels())  # (n,)
+        for images, index in iter_beton(self.dataset, augment, **kw):
             yield images, labels[index]
 
 
@@ -134,5 +135,5 @@ def labelled_images(path: str | Path) -> LabelledImages:
         dataset = BetonDataset(path)
         if dataset.classes is None:
             dataset.labels()  # raises: the dataset has no labels, and says how to make one
-        return LabelledImages(path, list(dataset.classes), dataset.manifest.get("classnames"), len(dataset))
+        return LabelledImages(path, list(dataset.classes), dataset.manifest.get("classnames"), len(dataset), dataset)
     return LabelledImages(path, class_folders(path), None, count_images(path))

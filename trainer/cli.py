@@ -28,12 +28,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from trainer.config import load_config
+    from trainer.config import load_config, require_train_data
     from trainer.loop import TrainingStopped, train
 
     cfg = load_config(args.config, args.overrides)
-    if not cfg.data.train:
-        raise ValueError("config: data.train is empty; set it to a directory written by `slip convert`")
+    require_train_data(cfg)
     try:
         result = train(cfg)
     except TrainingStopped as stopped:
@@ -183,6 +182,11 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
+def _profile_overrides(args: argparse.Namespace) -> list[str]:
+    """The recipe's overrides, `--data` first (an explicit data.train=... after it wins)."""
+    return [*([f"data.train={args.data}"] if args.data else []), *args.overrides]
+
+
 def _step_report(args: argparse.Namespace) -> dict:
     from trainer.step_profile import compare_steps
 
@@ -190,12 +194,11 @@ def _step_report(args: argparse.Namespace) -> dict:
         raise ValueError(f"--warmup must be 0 or more and --steps at least 1, got {args.warmup} and {args.steps}")
     if args.png and not Path(args.png).resolve().parent.is_dir():
         raise FileNotFoundError(f"{Path(args.png).parent}: no such directory for --png")
-    overrides = [*([f"data.train={args.data}"] if args.data else []), *args.overrides]
     variants = [v.split() for v in args.compare] if args.compare else [[]]
     # Under a multi-rank launcher every rank must run the same configurations together, in its own process.
     same_process = args.same_process or int(os.environ.get("WORLD_SIZE", "1")) > 1
     with _stdout_to_stderr():
-        return compare_steps(args.config, overrides, variants, warmup=args.warmup, steps=args.steps, fresh_processes=not same_process)
+        return compare_steps(args.config, _profile_overrides(args), variants, warmup=args.warmup, steps=args.steps, fresh_processes=not same_process)
 
 
 def _write_step_chart(report: dict, path: str) -> None:
@@ -227,19 +230,16 @@ def _cmd_profile_all(args: argparse.Namespace) -> int:
 
     from kernels.loss_bench import profile_loss
     from pipeline.pipeline_bench import compare_pipelines
-    from trainer.config import load_config
+    from trainer.config import load_config, require_train_data
     from trainer.engine import pick_device
-    from trainer.step_profile import format_table
+    from trainer.objectives import get_objective
+    from trainer.step_profile import PROFILE_DATA_HINT, format_table
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("slip profile all runs in one process; under a launcher use `slip profile step`")
-    overrides = [*([f"data.train={args.data}"] if args.data else []), *args.overrides]
-    cfg = load_config(args.config, overrides)
-    if not cfg.data.train:
-        raise ValueError("config: data.train is empty; set it to a directory written by `slip convert` (or pass --data)")
+    cfg = load_config(args.config, _profile_overrides(args))
+    require_train_data(cfg, PROFILE_DATA_HINT)
     device = pick_device(cfg.engine.device)
-    from trainer.objectives import get_objective
-
     views = get_objective(cfg.model.objective).views
     backends = list(dict.fromkeys(["reference", cfg.loss.backend]))
     dtype = "bfloat16" if cfg.engine.precision == "bf16" else "float32"

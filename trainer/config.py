@@ -278,6 +278,11 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], parsed
 
 
+def require_train_data(cfg: Config, hint: str = "") -> None:
+    """A command that reads data.train refuses an empty one in one line; `hint` adds the command's own way to set it."""
+    _check(bool(cfg.data.train), f"config: data.train is empty; set it to a directory written by `slip convert`{hint}")
+
+
 def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """defaults <- recipe file <- `section.key=value` overrides, every key and type checked."""
     merged: dict[str, dict[str, Any]] = {}

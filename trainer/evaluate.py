@@ -64,22 +64,6 @@ def _needs_text(model: ContrastiveModel, what: str) -> None:
         raise ValueError(f"{what} needs a text tower; this model was trained without one (SimCLR): use `slip eval linear`")
 
 
-def default_classnames(n_classes: int) -> list[str]:
-    """ImageNet's class names, from open_clip's zero-shot metadata."""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    if n_classes != len(IMAGENET_CLASSNAMES):
-        raise ValueError(f"the data has {n_classes} classes, not ImageNet's {len(IMAGENET_CLASSNAMES)}: give --classnames")
-    return list(IMAGENET_CLASSNAMES)
-
-
-def default_templates() -> list[str]:
-    """CLIP's 80 ImageNet prompt templates, from open_clip's zero-shot metadata, as str.format templates."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-
-
 def _templates(lines: list[str]) -> list[str]:
     bad = [t for t in lines if t.count("{}") != 1]
     if bad:
@@ -97,15 +81,11 @@ def eval_zeroshot(
     batch_size: int = 256,
     threads: int = 2,
 ) -> dict[str, float]:
-    from pipeline.evaluation import labelled_images
-    from trainer.zeroshot import zeroshot_accuracy
+    from trainer.zeroshot import default_templates, zeroshot_accuracy
 
     _needs_text(model, "zero-shot classification")
-    if classnames is None:
-        found = labelled_images(data)  # a labelled .beton carries its class names; a folder does not
-        classnames = found.classnames or default_classnames(len(found.classes))
-    templates = templates or default_templates()
-    return zeroshot_accuracy(model, data, classnames, _templates(templates), augment, batch_size=batch_size, threads=threads)
+    templates = _templates(templates or default_templates())
+    return zeroshot_accuracy(model, data, classnames, templates, augment, batch_size=batch_size, threads=threads)
 
 
 def _labelled_features(model: ContrastiveModel, augment: AugmentConfig, data, batch_size: int, threads: int, desc: str):

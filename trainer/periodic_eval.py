@@ -36,12 +36,12 @@ class PeriodicEval:
         """The class names must fit the data now: an evaluation failing epochs into a multi-rank
         run would leave the other ranks waiting at its barrier."""
         from pipeline.evaluation import labelled_images
-        from trainer.evaluate import default_classnames
+        from trainer.zeroshot import zeroshot_classnames
 
-        data = labelled_images(self.zeroshot)
-        names = self.classnames or data.classnames or default_classnames(len(data.classes))
-        if len(names) != len(data.classes):
-            raise ValueError(f"config: eval.zeroshot {self.zeroshot} has {len(data.classes)} classes but {len(names)} class names")
+        try:
+            zeroshot_classnames(labelled_images(self.zeroshot), self.classnames)
+        except ValueError as err:
+            raise ValueError(f"config: eval.zeroshot: {err}") from None
 
     def _prompts(self, folder: Path) -> tuple[list[str] | None, list[str] | None]:
         from trainer.zeroshot import read_lines
@@ -50,7 +50,7 @@ class PeriodicEval:
             if given:
                 return read_lines(given)
             path = folder.parent / beside
-            return read_lines(path) if path.is_file() else None  # None: ImageNet's defaults
+            return read_lines(path) if path.is_file() else None  # None: the dataset's names, else ImageNet's
 
         return pick(self.cfg.eval.classnames, "classnames.txt"), pick(self.cfg.eval.templates, "templates.txt")
 

@@ -26,8 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.config import Config, load_config
+from trainer.config import Config, load_config, require_train_data
 from trainer.stage_timer import STAGES, StageTimer, instrument
+
+
+PROFILE_DATA_HINT = " (or pass --data)"
 
 
 def _median(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -99,8 +102,7 @@ def profile_step(
     from trainer.loop import build_loader, build_step, loader_device, train_step
     from trainer.metrics import peak_memory_bytes
 
-    if not cfg.data.train:
-        raise ValueError("config: data.train is empty; set it to a directory written by `slip convert` (or pass --data)")
+    require_train_data(cfg, PROFILE_DATA_HINT)
     if warmup < 0 or steps < 1:
         raise ValueError(f"--warmup must be >= 0 and --steps >= 1, got {warmup} and {steps}")
     dataset = BetonDataset(cfg.data.train)
@@ -208,23 +210,20 @@ def compare_steps(
     """profile_step per variant (the recipe + `overrides` + the variant's overrides), in order,
     each in a fresh process unless `fresh_processes` is False (under a multi-rank launcher, where
     every rank must run the same configurations in the same order); ratios against the first."""
-    variants = variants or [[]]
-    for v in variants:  # a bad key or dataset fails here, in one line, before minutes of profiling
-        cfg = load_config(recipe, [*overrides, *v])
-        if not cfg.data.train:
-            raise ValueError("config: data.train is empty; set it to a directory written by `slip convert` (or pass --data)")
-        from pipeline.reader import BetonDataset
+    from pipeline.reader import BetonDataset
 
+    variants = variants or [[]]
+    configs = [load_config(recipe, [*overrides, *v]) for v in variants]
+    for cfg in configs:  # a bad key or dataset fails here, in one line, before minutes of profiling
+        require_train_data(cfg, PROFILE_DATA_HINT)
         BetonDataset(cfg.data.train)
     peaks: dict[tuple[str, str], tuple[float, str]] = {}  # measured once per device and precision: comparable MFUs
-    for v in variants:
-        cfg = load_config(recipe, [*overrides, *v])
+    for cfg in configs:
         key = (cfg.engine.device, cfg.engine.precision)
         if key not in peaks:
             peaks[key] = device_peak(cfg)
     results = []
-    for v in variants:
-        cfg = load_config(recipe, [*overrides, *v])
+    for v, cfg in zip(variants, configs):
         peak = peaks[(cfg.engine.device, cfg.engine.precision)]
         if fresh_processes:
             ctx = mp.get_context("spawn")
@@ -235,7 +234,7 @@ def compare_steps(
             proc.join()
         else:
             try:
-                r = profile_step(load_config(recipe, [*overrides, *v]), warmup=warmup, steps=steps, peak=peak)
+                r = profile_step(cfg, warmup=warmup, steps=steps, peak=peak)
             except Exception as err:
                 r = _failure(err)
         results.append({"name": " ".join(v) or "base", "overrides": v, **r})

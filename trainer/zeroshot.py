@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.augment import AugmentConfig
-from pipeline.evaluation import labelled_images
+from pipeline.evaluation import LabelledImages, labelled_images
 from pipeline.text import tokenize
 from trainer.eval_runtime import batch_bar, dali_device, eval_mode
 from trainer.models.contrastive import ContrastiveModel
@@ -18,6 +18,31 @@ def read_lines(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def default_classnames(n_classes: int) -> list[str]:
+    """ImageNet's class names, from open_clip's zero-shot metadata."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    if n_classes != len(IMAGENET_CLASSNAMES):
+        raise ValueError(f"the data has {n_classes} classes, not ImageNet's {len(IMAGENET_CLASSNAMES)}: give --classnames")
+    return list(IMAGENET_CLASSNAMES)
+
+
+def default_templates() -> list[str]:
+    """CLIP's 80 ImageNet prompt templates, from open_clip's zero-shot metadata, as str.format templates."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def zeroshot_classnames(data: LabelledImages, given: list[str] | None) -> list[str]:
+    """The names prompts are made of: `given`, else those a labelled .beton recorded (a folder
+    records none), else ImageNet's; one per class of the data."""
+    names = given or data.classnames or default_classnames(len(data.classes))
+    if len(names) != len(data.classes):
+        raise ValueError(f"{data.path}: {len(data.classes)} classes but {len(names)} class names")
+    return names
 
 
 @torch.no_grad()
@@ -35,8 +60,8 @@ def class_embeddings(model: ContrastiveModel, classnames: list[str], templates: 
 @torch.no_grad()
 def zeroshot_accuracy(
     model: ContrastiveModel,
-    source: str | Path,
-    classnames: list[str],
+    source: str | Path | LabelledImages,
+    classnames: list[str] | None,
     templates: list[str],
     augment: AugmentConfig,
     *,
@@ -44,10 +69,9 @@ def zeroshot_accuracy(
     threads: int = 2,
 ) -> dict[str, float]:
     """Top-1 and top-5 (fractions in 0..1) over every image of a class-per-folder tree or a
-    labelled converted dataset."""
-    data = labelled_images(source)
-    if len(data.classes) != len(classnames):
-        raise ValueError(f"{source}: {len(data.classes)} classes but {len(classnames)} class names")
+    labelled converted dataset; `classnames` None: as `zeroshot_classnames` picks them."""
+    data = source if isinstance(source, LabelledImages) else labelled_images(source)
+    classnames = zeroshot_classnames(data, classnames)
     device = next(model.parameters()).device
     k = min(5, len(classnames))
     top1 = top5 = total = 0
