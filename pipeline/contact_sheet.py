@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import textwrap
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from pipeline.atomic import replacing
 from pipeline.reader import BetonDataset
 
 TILE = 192  # pixels per image tile
@@ -37,7 +37,6 @@ def contact_sheet(ds: BetonDataset, n: int, path: str | Path) -> Path:
         for line_no, line in enumerate(textwrap.wrap(f"{i}: {caption}", 30)[:TEXT_LINES]):
             draw.text((x + 4, y + TILE + line_no * LINE_HEIGHT), line, fill="black", font=font)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    sheet.save(tmp, format="PNG")
-    tmp.replace(path)
+    with replacing(path, suffix=".png") as tmp:
+        sheet.save(tmp, format="PNG")
     return path

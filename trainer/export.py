@@ -10,7 +10,6 @@ config.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,8 @@ import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from pipeline.atomic import replacing
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -41,15 +42,8 @@ def write_weights(state: Mapping[str, torch.Tensor], path: Path, config: dict[st
         name: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for name, t in state.items()
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import colorsys
 import math
 import numbers
-import os
 import re
 from pathlib import Path
 from typing import NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.atomic import replacing
 
 PLOT_HEIGHT = 320  # pixels from baseline to the top tick
 BAR_WIDTH = 56
@@ -149,12 +150,6 @@ def stage_chart(bars: list[tuple[str, dict[str, float]]], path: str | Path, *,
         y = g.top + i * (g.line_h + 4)
         draw.rectangle([g.legend_x, y, g.legend_x + 11, y + g.line_h - 2], fill=rgb)
         draw.text((g.legend_x + 18, y), stage, fill="black", font=font)
-    # pipeline.atomic writes text only; same temp-then-rename pattern, and the temp never outlives a failure
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
+    with replacing(path, suffix=".png") as tmp:
         image.save(tmp, format="PNG")
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
