@@ -8,7 +8,7 @@ STAMP := $(VENV)/.slipstream-setup
 DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ test: setup
 # The unit tier only: seconds, for the edit-test loop.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The import layers (import-linter's contracts in pyproject.toml) and ruff; `make test` runs them too.
+lint: setup
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -18,8 +18,8 @@ filter is DALI's. The ranges and probabilities are the same on both devices.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.data_node import DataNode

@@ -1,11 +1,10 @@
-"""Compiled CPU kernels for the three views: the random resized crop, colour jitter +
-grayscale, and Gaussian blur.
+"""Compiled CPU kernels for the three views: the random resized crop, colour jitter + grayscale, and Gaussian blur.
 
 They run inside DALI's CPU pipeline as DALI operators (`augment_ops.py`), on DALI's worker
 threads without the GIL. Two reasons to own them rather than use DALI's CPU
 `random_resized_crop`, `color_twist` and `gaussian_blur`:
 
-- fidelity, given the same random draws (tests/unit/test_augment_kernels.py):
+- fidelity, given the same random draws (tests/unit/pipeline/test_augment_kernels.py):
   - `random_resized_crop` is torchvision's RandomResizedCrop on a PIL image: its window
     sampler in its float32 precision, then PIL's fixed-point antialiased bilinear resize,
     bit-exact with the Pillow of the SLIP reference (Pillow 13 sometimes runs the vertical
@@ -29,7 +28,6 @@ from numba import njit
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3  # torchvision's ColorJitter op ids
 
-
 _ZERO, _ONE, _MAX8 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
 
 
@@ -45,9 +43,8 @@ def _luma(r: np.float32, g: np.float32, b: np.float32) -> np.float32:
     return np.float32((np.int32(r) * 19595 + np.int32(g) * 38470 + np.int32(b) * 7471 + 0x8000) >> 16)
 
 
-# The kernels below work on planes (three float32 [n] arrays holding 8-bit values) because
-# loops over contiguous planes vectorise; over interleaved RGB bytes they stay scalar and are
-# 5x slower.
+# The kernels below work on planes (three float32 [n] arrays holding 8-bit values) because loops over
+# contiguous planes vectorise; over interleaved RGB bytes they stay scalar and are 5x slower.
 
 
 @njit(cache=True, nogil=True)

@@ -13,29 +13,25 @@ on, producing the same shards, byte for byte, as an uninterrupted run.
 from __future__ import annotations
 
 import collections
-import contextlib
-import ctypes
 import functools
-import gc
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
-import signal
 import time
 from collections import Counter
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import write_json_atomic, write_text_atomic
 from pipeline.images import BadSample, EncodedImage, normalize_image
+from pipeline.process_pool import fork_safe, ordered_map
 from pipeline.schema import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -48,10 +44,7 @@ from pipeline.sources import Sample, Skip, read_image
 from pipeline.text import CONTEXT_LENGTH, TOKENIZER_NAME, clean_caption, tokenize
 
 PARTIAL = ".partial"  # suffix of a shard being written
-CHUNK = 16  # samples per task sent to a worker: amortises the inter-process round trip
-WINDOW = 4  # chunks in flight per worker
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-RawSample = Union[Sample, Skip, tuple[str, bytes, list[str]]]  # a source's records
+RawSample = Sample | Skip | tuple[str, bytes, list[str]]  # a source's records
 
 
 @dataclass(frozen=True)
@@ -125,64 +118,14 @@ class _ShardRows:
         return (row.image, row.tokens, row.n_captions, self.first_index + i, row.text)
 
 
-@contextlib.contextmanager
-def _fork_safe() -> Iterator[None]:
-    """Fork children that never garbage-collect what they inherit.
-
-    A forked child that collects an inherited object whose finaliser touches the parent's
-    threads (a DALI pipeline's does) segfaults, and FFCV's writer then waits for it forever.
-    Collect in the parent first, then freeze the survivors out of the children's collector.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def _die_with_parent(parent: int) -> None:
-    """Pool worker initialiser: a converter killed with SIGKILL must not leave its workers behind,
-    blocked forever on a queue whose other end is gone (and holding the caller's pipes open)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: workers then end when the queue breaks, as before
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _prepare_chunk(chunk: list[RawSample], options: ConvertOptions) -> list[Prepared | BadSample]:
-    return [prepare(sample, options) for sample in chunk]
-
-
 def _prepared_stream(samples: Iterable[RawSample], options: ConvertOptions) -> Iterator[Prepared | BadSample]:
-    """Prepared samples in source order, from a pool of worker processes.
-
-    At most WINDOW chunks are in flight, so memory stays bounded on any dataset size; a worker
-    that dies (killed for memory, a crash in a native decoder) stops the run with an error
-    instead of leaving it waiting forever, as multiprocessing.Pool would.
-    """
-    if options.n_workers <= 1:
-        yield from (prepare(sample, options) for sample in samples)
-        return
-    tokenize(["load the vocabulary once, before the workers fork"])
-    work = functools.partial(_prepare_chunk, options=options)
-    chunks = iter(lambda: list(itertools.islice(samples, CHUNK)), [])
-    context = multiprocessing.get_context("fork")
-    pool = ProcessPoolExecutor(options.n_workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),))
-    with _fork_safe(), pool:
-        window: collections.deque[Future] = collections.deque()
-        try:
-            for chunk in chunks:
-                window.append(pool.submit(work, chunk))
-                if len(window) >= WINDOW * options.n_workers:
-                    yield from window.popleft().result()
-            while window:
-                yield from window.popleft().result()
-        except BrokenProcessPool:
-            raise DatasetError("a conversion worker died (out of memory?); complete shards are kept: rerun with --resume") from None
+    """Prepared samples in source order, from `options.n_workers` worker processes."""
+    if options.n_workers > 1:
+        tokenize(["load the vocabulary once, before the workers fork"])
+    try:
+        yield from ordered_map(functools.partial(prepare, options=options), samples, options.n_workers)
+    except BrokenProcessPool:
+        raise DatasetError("a conversion worker died (out of memory?); complete shards are kept: rerun with --resume") from None
 
 
 def _write_shard(out_dir: Path, index: int, rows: list[Prepared], first_index: int, options: ConvertOptions) -> dict[str, Any]:
@@ -196,7 +139,7 @@ def _write_shard(out_dir: Path, index: int, rows: list[Prepared], first_index: i
     # One writer worker: the rows are already encoded, so the writer only copies bytes, and a
     # single worker lays them out in order, which makes shards reproducible for --resume.
     writer = DatasetWriter(str(partial), fields, num_workers=1)
-    with _fork_safe():
+    with fork_safe():
         writer.from_indexed_dataset(_ShardRows(rows, first_index), chunksize=256)
     with open(partial, "rb+") as f:
         os.fsync(f.fileno())  # the manifest will vouch for this shard: it must be on disk first

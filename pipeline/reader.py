@@ -15,6 +15,8 @@ from numba import njit
 
 from pipeline.ffcv_compat import HeaderType, Reader
 from pipeline.schema import FIELD_NAMES, DatasetError, read_manifest
+from pipeline.sources import SourceError
+from pipeline.sources.classes import labels_from_ids
 
 
 @njit(cache=True, nogil=True)
@@ -145,9 +147,6 @@ class BetonDataset:
 
     def labels(self) -> np.ndarray:
         """int64 [n]: each sample's class index, read from its id `<class>/<stem>`."""
-        from pipeline.sources import SourceError
-        from pipeline.sources.classes import labels_from_ids
-
         if self.classes is None:
             raise DatasetError(f"{self.directory}: has no labels; convert a class-per-folder tree with `slip convert classes`")
         try:

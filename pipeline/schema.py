@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from pipeline.images import EncodedImage
 from pipeline.ffcv_compat import IMAGE_MODES, BytesField, IntField, NDArrayField, RGBImageField
+from pipeline.images import EncodedImage
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -41,7 +41,7 @@ def make_shapes_beton():
     """Builds a small converted shapes dataset under a directory: the common test input."""
     from pathlib import Path
 
-    from pipeline import shapes
+    from pipeline import demo_dataset as shapes
     from pipeline.convert import ConvertOptions, convert
     from pipeline.sources import folder
 

@@ -8,45 +8,34 @@ export`) and `meta.json`, renames the directory to its final name, and only then
 leaves either the previous checkpoint as `latest` or the new one complete; a `.partial`
 directory is garbage that the next save removes. The last `keep` checkpoints are kept.
 
-DeepSpeed loads its files with `torch.load(weights_only=False)`; the engine's checkpoint
-engine is replaced by one that loads with `weights_only=True`, so a checkpoint cannot run
-code. slipstream's own per-rank state is tensors, ints and bytes, which that allows.
+DeepSpeed's files load with `weights_only=True` (the engine's checkpoint engine is replaced
+when it is built: `trainer.engine.build_engine`), so a checkpoint cannot run code.
+slipstream's own per-rank state is tensors, ints and bytes, which that allows.
+
+`slip export` copies the latest checkpoint's weights out of a run (`export_run`).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+import yaml
 
 from pipeline.atomic import write_json_atomic, write_text_atomic
+from trainer.config import Config, config_from_dict
+from trainer.dist import all_ranks, barrier, broadcast
+from trainer.engine import gathered_module
+from trainer.weights import read_weights, write_weights
 
 PREFIX = "step-"
 PARTIAL = ".partial"
 DELETING = ".deleting"
-
-
-def _deepspeed_records() -> list[type]:
-    """The plain-data classes DeepSpeed's ZeRO states pickle (found by loading stages 0-3);
-    allowing these three is far narrower than weights_only=False, which runs any code."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, loading with weights_only=True."""
-
-    def load(self, path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals(_deepspeed_records()):
-            return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def tag_of(step: int) -> str:
@@ -83,20 +72,19 @@ class CheckpointManager:
     def __init__(self, directory: Path, *, rank: int, world: int, keep: int) -> None:
         self.directory, self.rank, self.world, self.keep = Path(directory), rank, world, keep
 
-    def attach(self, engine: Any) -> None:
-        engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
+    @property
+    def latest_pointer(self) -> Path:
+        return self.directory / "latest"
 
     def save(self, engine: Any, step: int, meta: dict[str, Any], rank_state: dict[str, Any], weights_config: dict[str, Any]) -> Path:
         """Checkpoint after `step` steps (the next step to run is `step`). Collective: every rank calls it."""
-        import torch.distributed as dist
-
         tag = tag_of(step)
         partial = self.directory / f"{tag}{PARTIAL}"
         final = self.directory / tag
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # a save killed earlier
             partial.mkdir(parents=True)
-        _barrier(dist, self.world)
+        barrier(self.world)
         self._require_shared(partial.is_dir(), partial)
         engine.save_checkpoint(str(self.directory), tag=partial.name, save_latest=False)
         rank_file = partial / f"rank-{self.rank:05d}.pt"
@@ -107,10 +95,8 @@ class CheckpointManager:
         for f in partial.iterdir():
             if f.is_file() and (self.rank == 0 or f == rank_file or f"rank_{self.rank}_" in f.name):
                 _fsync_file(f)
-        _barrier(dist, self.world)
+        barrier(self.world)
         if self.rank == 0:
-            from trainer.export import write_weights
-
             write_weights(state, partial / "model.safetensors", weights_config)
             write_json_atomic(partial / "meta.json", {**meta, "step": step, "world": self.world})
             _fsync_dir(partial)
@@ -120,12 +106,12 @@ class CheckpointManager:
             _fsync_dir(self.directory)
             write_text_atomic(self.directory / "latest", tag)
             self._prune(final)
-        _barrier(dist, self.world)
+        barrier(self.world)
         return final
 
     def _require_shared(self, ok: bool, path: Path) -> None:
         """Every rank must see what rank 0 made; otherwise a node would resume from nothing."""
-        if not _all_ranks(ok, self.world):
+        if not all_ranks(ok, self.world):
             raise ValueError(f"{path}: not visible on every rank; checkpoints must be on a filesystem shared by all nodes")
 
     def _prune(self, newest: Path) -> None:
@@ -145,7 +131,7 @@ class CheckpointManager:
         sees meta.json first and raises if this run cannot continue that one."""
         # Rank 0 decides which checkpoint; each rank reading `latest` itself could see
         # different tags through a lagging network filesystem.
-        found = _broadcast(latest_checkpoint(self.directory) if self.rank == 0 else None, self.world)
+        found = broadcast(latest_checkpoint(self.directory) if self.rank == 0 else None, self.world)
         if found is None:
             return None
         self._require_shared(_complete(found), found)
@@ -160,46 +146,6 @@ class CheckpointManager:
         if meta.get("world") == self.world and rank_file.is_file():
             rank_state = torch.load(rank_file, weights_only=True)
         return Resumed(int(meta["step"]), meta, rank_state)
-
-
-def _barrier(dist: Any, world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _all_ranks(ok: bool, world: int) -> bool:
-    if world == 1:
-        return ok
-    import torch.distributed as dist
-
-    flag = torch.tensor([1.0 if ok else 0.0])  # (1,) gloo reduces CPU tensors; NCCL worlds use a CPU group here too
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_cpu_group())
-    return bool(flag.item())
-
-
-def _broadcast(value: Any, world: int) -> Any:
-    if world == 1:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0, group=_cpu_group())
-    return box[0]
-
-
-_CPU_GROUP: Any = None
-
-
-def _cpu_group() -> Any:
-    """A gloo group over all ranks, for the few small host-side agreements a save needs."""
-    global _CPU_GROUP
-    import torch.distributed as dist
-
-    if dist.get_backend() == "gloo":
-        return None
-    if _CPU_GROUP is None:
-        _CPU_GROUP = dist.new_group(backend="gloo")
-    return _CPU_GROUP
 
 
 def _fsync_file(path: Path) -> None:
@@ -218,14 +164,54 @@ def _fsync_dir(path: Path) -> None:
 def _full_state_dict(engine: Any, *, wanted: bool) -> dict[str, torch.Tensor]:
     """The whole fp32 model on the rank that writes it. Under ZeRO-3 every rank must take part
     in gathering the partitions, wanted or not."""
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return _cpu_copy(module) if wanted else {}
-    return _cpu_copy(module) if wanted else {}
+    with gathered_module(engine) as module:
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()} if wanted else {}
 
 
-def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+def check_resumable(cfg: Config, world: int, meta: dict[str, Any], where: Path) -> None:
+    """A resume under a different model, batch or optimizer-state layout would not be the same
+    run (or would fail deep inside DeepSpeed): say so in one line, before loading anything."""
+    saved, now = meta.get("config", {}), cfg.to_dict()
+    # data.device: the DALI graph (and its saved random state) differs between CPU and GPU decoding.
+    for section, key in (("model", None), ("data", "batch_size"), ("data", "device"), ("engine", "zero_stage"), ("optim", "name")):
+        # A key the checkpoint predates had its default then.
+        a = saved.get(section, {}) if key is None else saved.get(section, {}).get(key, Config().to_dict()[section][key])
+        b = now[section] if key is None else now[section][key]
+        if a != b:
+            name = section if key is None else f"{section}.{key}"
+            raise ValueError(f"config: {name} differs from the checkpoint in {where}; use another run.name or run.resume=false")
+    if cfg.engine.zero_stage > 0 and meta.get("world") != world:
+        raise ValueError(
+            f"{where}: written by {meta.get('world')} ranks, resumed on {world}; "
+            "ZeRO stage > 0 partitions the optimizer state by rank, so only stage 0 can change the number of ranks"
+        )
+
+
+def latest_weights(checkpoints: Path) -> Path:
+    """`model.safetensors` of the newest complete checkpoint under `checkpoints`."""
+    found = latest_checkpoint(checkpoints) if Path(checkpoints).is_dir() else None
+    if found is None:
+        raise ValueError(f"{checkpoints}: no complete checkpoint")
+    return found / "model.safetensors"
+
+
+def export_run(run: Path, out: Path) -> Path:
+    """Write the latest complete checkpoint of `run` as plain weights with the run's config; returns `out`."""
+    run, out = Path(run), Path(out)
+    if not run.is_dir():
+        raise ValueError(f"{run}: no such run directory")
+    config_file = run / "config.yaml"
+    if not config_file.is_file():
+        raise ValueError(f"{run}: not a run directory (no config.yaml)")
+    checkpoints = run / "checkpoints"
+    if not checkpoints.is_dir():
+        raise ValueError(f"{run}: has no checkpoints/ directory: nothing to export")
+    state, _ = read_weights(latest_weights(checkpoints))
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except yaml.YAMLError:
+        raise ValueError(f"{config_file}: is not valid YAML") from None
+    # Checked now, not at load time: an export whose config cannot be rebuilt is useless.
+    config_from_dict(config, source=str(config_file))
+    write_weights(state, out, config)
+    return out

@@ -14,8 +14,11 @@ from typing import Any
 
 import yaml
 
+from kernels.contrastive import BACKENDS
 from pipeline.atomic import write_text_atomic
 from pipeline.augment import AugmentConfig
+from trainer.models import SIZES
+from trainer.objectives import OBJECTIVES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -34,20 +37,22 @@ def _require(cond: bool, msg: str) -> None:
     _check(cond, f"config: {msg}")
 
 
+LOADERS = ("dali", "pil")
+
+
 @dataclass
 class DataConfig:
     train: str = ""  # directory written by `slip convert` (`slip demo` sets it)
-    zeroshot: str = ""  # class-per-folder images for zero-shot eval (`slip demo` sets it)
     root: str = "data"  # where the embedded dataset is generated and converted
     batch_size: int = 4096  # global batch, over all ranks
     threads: int = 2  # DALI CPU threads per rank
     prefetch: int = 2  # batches DALI prepares ahead
     source_workers: int = 0  # processes reading JPEG bytes ahead for DALI (parallel external source); 0: in the trainer
-    loader: str = "dali"  # dali | reference (the SLIP reference's PIL + torchvision DataLoader: `slip profile step` only)
+    loader: str = "dali"  # dali | pil (the SLIP reference's PIL + torchvision DataLoader: `slip profile step` only)
     device: str = "auto"  # where DALI decodes and augments: auto (the GPU when training on one) | cpu | gpu
 
     def __post_init__(self) -> None:
-        _require(self.loader in ("dali", "reference"), f"data.loader must be one of ['dali', 'reference'], got '{self.loader}'")
+        _require(self.loader in LOADERS, f"data.loader must be one of {list(LOADERS)}, got '{self.loader}'")
         _require(self.device in ("auto", "cpu", "gpu"), f"data.device must be one of ['auto', 'cpu', 'gpu'], got '{self.device}'")
         _require(self.batch_size > 0, "data.batch_size must be positive")
         _require(self.threads > 0, "data.threads must be positive")
@@ -57,7 +62,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    size: str = "vitb16"  # a name in trainer.models.registry.SIZES
+    size: str = "vitb16"  # a name in trainer.models.SIZES
     objective: str = "slip"  # a name in trainer.objectives.OBJECTIVES
     embed_dim: int = 512  # joint image-text space
     ssl_mlp_dim: int = 4096  # SimCLR head hidden width
@@ -81,13 +86,7 @@ class LossConfig:
         _require(self.ssl_scale >= 0, "loss.ssl_scale must be non-negative")
 
 
-LR_SCALING = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}  # the exponent of batch_size / base_batch
-
-
-def peak_lr(optim: OptimConfig, global_batch: int) -> float:
-    """The recipe's lr moved from base_batch to the batch actually trained with: linear for
-    SGD-like optimizers (Goyal et al. 2017), square root for Adam and LAMB (You et al. 2020)."""
-    return optim.lr * (global_batch / optim.base_batch) ** LR_SCALING[optim.lr_scaling]
+LR_SCALING = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}  # the exponent of batch_size / base_batch (trainer.optim.peak_lr)
 
 
 @dataclass
@@ -145,7 +144,7 @@ class EngineConfig:
 @dataclass
 class EvalConfig:
     every_epochs: float = 0.0  # evaluate during training every this many epochs (and at the end); 0: never
-    zeroshot: str = ""  # class-per-folder images; "" uses data.zeroshot (none: no zero-shot)
+    zeroshot: str = ""  # class-per-folder images or a labelled dataset (`slip demo` sets it); "": no zero-shot
     classnames: str = ""  # one per line; "" uses classnames.txt beside the folder, else ImageNet's
     templates: str = ""  # one prompt per line with {}; "" uses templates.txt beside the folder, else CLIP's 80
     retrieval: str = ""  # a converted dataset for image-text recall; "" skips it
@@ -304,7 +303,13 @@ def config_from_dict(values: dict[str, Any], source: str = "a saved config") -> 
     _check(isinstance(values, dict), f"config: {source} must be a mapping of sections")
     for section, keys in values.items():
         _check(isinstance(keys, dict), f"config: {source}: section '{section}' must be a mapping")
-    return _build({section: dict(keys) for section, keys in values.items()}, source)
+    merged = {section: dict(keys) for section, keys in values.items()}
+    # A saved config (run directory, checkpoint, exported weights) may name the zero-shot data
+    # `data.zeroshot`, which an empty `eval.zeroshot` stood for; it is that key now.
+    if merged.get("data", {}).get("zeroshot"):
+        merged.setdefault("eval", {})["zeroshot"] = merged["eval"].get("zeroshot") or merged["data"]["zeroshot"]
+    merged.get("data", {}).pop("zeroshot", None)
+    return _build(merged, source)
 
 
 def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
@@ -335,10 +340,6 @@ def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
 
 def _check_registered_names(cfg: Config) -> None:
     """Names that select code are checked before anything is built or written."""
-    from kernels.contrastive import BACKENDS
-    from trainer.models import SIZES
-    from trainer.objectives import OBJECTIVES
-
     for key, value, known in (
         ("model.size", cfg.model.size, SIZES),
         ("model.objective", cfg.model.objective, OBJECTIVES),

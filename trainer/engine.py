@@ -1,44 +1,26 @@
-"""The one place DeepSpeed is touched: process group set-up and the engine around a built model.
+"""The one place DeepSpeed is touched: the process group, the engine around a built model, and
+the few things DeepSpeed does to a process that the rest of the trainer must undo or work with.
 
 The recipe's `engine`, `optim` and `data` sections are translated into DeepSpeed's config
-here, so there is no hand-written JSON to keep in sync with the YAML.
+here, so there is no hand-written JSON to keep in sync with the YAML. DeepSpeed is imported
+inside the functions that need it: importing it takes seconds and prints, and a command that
+only converts or evaluates never needs it.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import socket
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def group(self) -> Any:
-        """The process group the loss gathers over; None in a single process."""
-        import torch.distributed as dist
-
-        return dist.group.WORLD if self.world > 1 else None
-
-
-def pick_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config: engine.device is cuda but no CUDA device is visible")
-    return requested
+from kernels.cross_rank_bn import CrossRankBatchNorm1d
+from trainer.dist import DistInfo
 
 
 def init_distributed(device: str) -> DistInfo:
@@ -50,9 +32,9 @@ def init_distributed(device: str) -> DistInfo:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
-    import torch.distributed as dist
+    import torch.distributed as tdist
 
-    if not dist.is_initialized():
+    if not tdist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     _share_cores(device)
@@ -61,7 +43,7 @@ def init_distributed(device: str) -> DistInfo:
         torch_device = torch.device("cuda", local_rank)
     else:
         torch_device = torch.device("cpu")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, torch_device)
+    return DistInfo(tdist.get_rank(), tdist.get_world_size(), local_rank, torch_device)
 
 
 def _share_cores(device: str) -> None:
@@ -76,8 +58,6 @@ def _share_cores(device: str) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -91,20 +71,7 @@ def parallelize(model: nn.Module, dist: DistInfo) -> nn.Module:
     if dist.device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # torch's SyncBatchNorm refuses CPU tensors; per-rank statistics would silently change the loss.
-    from kernels.cross_rank_bn import CrossRankBatchNorm1d
-
     return CrossRankBatchNorm1d.convert(model, dist.group)
-
-
-def reduce_mean(values: dict[str, torch.Tensor], dist: DistInfo) -> dict[str, float]:
-    """Scalar metrics averaged over ranks (each rank's loss covers its own rows)."""
-    stacked = torch.stack([v.reshape(()) for v in values.values()])  # (n_metrics,)
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.all_reduce(stacked)
-        stacked /= dist.world
-    return dict(zip(values, stacked.tolist()))
 
 
 def deepspeed_config(
@@ -143,15 +110,122 @@ def deepspeed_config(
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:
+    """DeepSpeed's engine around the model; its checkpoints load with weights_only=True."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine.checkpoint_engine = _weights_only_checkpoint_engine()()
     return engine
 
 
 def set_lr(engine: Any, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def fused_lamb(param_groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+    """DeepSpeed's fused CUDA LAMB (its op JIT-builds on first use)."""
+    from deepspeed.ops.lamb import FusedLamb
+
+    return FusedLamb(param_groups, lr=lr, betas=betas, eps=eps)
+
+
+def _deepspeed_records() -> list[type]:
+    """The plain-data classes DeepSpeed's ZeRO states pickle (found by loading stages 0-3);
+    allowing these three is far narrower than weights_only=False, which runs any code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@functools.cache
+def _weights_only_checkpoint_engine() -> type:
+    """DeepSpeed's torch checkpoint engine, loading with weights_only=True (DeepSpeed's own loads
+    with weights_only=False, so a checkpoint could run code)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(_deepspeed_records()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine
+
+
+@contextlib.contextmanager
+def gathered_module(engine: Any) -> Iterator[nn.Module]:
+    """The engine's module with whole parameters for the block. Under ZeRO-3 its parameters are
+    partitions and this gathers them: collective, every rank must enter."""
+    module = engine.module
+    if engine.zero_optimization_stage() != 3:
+        yield module
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield module
+
+
+@contextlib.contextmanager
+def linear_restored() -> Iterator[None]:
+    """ZeRO-3 swaps torch.nn.functional.linear for its own (memory-saving, numerically not bitwise
+    the same) for the rest of the process; it is put back when the block ends, so a later run in
+    this process (tests, sweeps, `slip profile step --same-process`) computes as a fresh process does."""
+    linear = torch.nn.functional.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
+
+
+def heads_callable(model: Any) -> tuple[Any, contextlib.AbstractContextManager[Any]]:
+    """What to call for a plain-autograd forward through `model` (an engine or a bare module), and
+    the context to call it in.
+
+    DeepSpeed's engine registers backward hooks on the outputs of every engine(...) call: they
+    start its backward bookkeeping (and refuse to run outside engine.backward at ZeRO stage 0)
+    and divide gradients by the accumulation steps. GradCache's torch.autograd.grad must not
+    trigger them, so it calls the engine's module (still the model's forward, so ZeRO-3's module
+    hooks gather its parameters) in the engine's autocast context (the precision of engine(...))."""
+    if "deepspeed" in sys.modules:  # an engine can only exist once deepspeed is imported
+        from deepspeed import DeepSpeedEngine
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+        if isinstance(model, DeepSpeedEngine):
+            return model.module, autocast_if_enabled(model)
+    return model, contextlib.nullcontext()
+
+
+# DeepSpeed's reductions of gradients (ZeRO 0 all-reduces, ZeRO 1-2 reduce-scatters or reduces),
+# called as `deepspeed.comm.<name>` by the engine and the ZeRO optimizers; the loss's own
+# collectives call torch.distributed directly and are not among them.
+_REDUCTIONS = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_fn", "reduce_scatter_tensor", "inference_all_reduce")
+# The ZeRO optimizers' end of backward: the last buckets reduced, then a wait for the reduction stream.
+_EPILOGUES = ("independent_gradient_partition_epilogue", "reduce_gradients")
+
+
+@contextlib.contextmanager
+def reductions_wrapped(engine: Any, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """DeepSpeed's gradient reductions and the optimizer's reduction epilogues replaced by
+    `wrap(original)` for the block (the profiler's marks); restored on exit."""
+    import deepspeed.comm as ds_comm
+
+    saved = {name: getattr(ds_comm, name) for name in _REDUCTIONS if hasattr(ds_comm, name)}
+    optimizer = engine.optimizer
+    epilogues = [name for name in _EPILOGUES if callable(getattr(type(optimizer), name, None))]
+    for name, fn in saved.items():
+        setattr(ds_comm, name, wrap(fn))
+    for name in epilogues:  # instance attributes shadow the class's methods; deleting them restores them
+        setattr(optimizer, name, wrap(getattr(type(optimizer), name).__get__(optimizer)))
+    try:
+        yield
+    finally:
+        for name in epilogues:
+            delattr(optimizer, name)
+        for name, fn in saved.items():
+            setattr(ds_comm, name, fn)
 
 
 def prebuild_cpu_comm_op() -> None:

@@ -34,16 +34,16 @@ The heads are small next to the towers; running them twice costs little.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from trainer.task import ContrastiveTask, Model
+from trainer.engine import heads_callable
+from trainer.task import Model, TrainingTask
 
 
 @dataclass
@@ -64,26 +64,6 @@ def _set_rng(state: _RngState) -> None:
     torch.set_rng_state(state.cpu)
     for d, s in state.cuda.items():
         torch.cuda.set_rng_state(s, d)
-
-
-def _heads_callable(model: Model) -> tuple[Model, AbstractContextManager[Any]]:
-    """What to call for the heads, and the context to call it in.
-
-    DeepSpeed's engine registers backward hooks on the outputs of every engine(...) call:
-    they start its backward bookkeeping (and refuse to run outside engine.backward at ZeRO
-    stage 0) and divide gradients by the accumulation steps. Phase 2's torch.autograd.grad
-    must be a plain autograd computation, and phase 3's backward must start that
-    bookkeeping once, from the towers' outputs. So the heads are called on the engine's
-    module: still ContrastiveModel.forward, so ZeRO-3's module hooks gather its parameters
-    (for forward and for backward), and in the engine's autocast context, so the precision
-    is that of engine(...)."""
-    if "deepspeed" in sys.modules:  # an engine can only exist once deepspeed is imported
-        from deepspeed import DeepSpeedEngine
-        from deepspeed.runtime.torch_autocast import autocast_if_enabled
-
-        if isinstance(model, DeepSpeedEngine):
-            return model.module, autocast_if_enabled(model)
-    return model, nullcontext()
 
 
 @contextmanager
@@ -123,7 +103,7 @@ class _Pending:
 class GradCache:
     """Big-batch contrastive steps in micro_batches equal chunks of the local batch."""
 
-    def __init__(self, task: ContrastiveTask, micro_batches: int) -> None:
+    def __init__(self, task: TrainingTask, micro_batches: int) -> None:
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
         self.task, self.micro_batches = task, micro_batches
@@ -151,7 +131,7 @@ class GradCache:
         del parts
         # Phase 2: heads and loss once on the whole local batch (the loss gathers over ranks).
         # BatchNorm's running statistics are left to phase 3, so a discarded step leaves none.
-        heads, context = _heads_callable(model)
+        heads, context = heads_callable(model)
         rng_heads = _get_rng(devices)
         with context, _running_stats_unchanged(heads):
             losses = self.task.heads_and_loss(heads, features)
@@ -186,7 +166,7 @@ class GradCache:
                 # this chunk's towers on purpose: autograd runs later-created nodes first, so
                 # the backward reaches the towers' outputs, whose engine hooks open
                 # DeepSpeed's backward bookkeeping, before any head parameter's gradient.
-                heads, context = _heads_callable(engine)
+                heads, context = heads_callable(engine)
                 _set_rng(pending.rng_heads)
                 with context:
                     head_loss = self.task.heads_and_loss(heads, pending.features)["loss"]

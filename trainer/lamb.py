@@ -5,7 +5,7 @@ JIT-built CUDA and cannot build on a CPU-only machine (CI, tests, `engine.device
 so this module implements exactly the rule of DeepSpeed 0.19.8's kernel
 (`ops/csrc/lamb/fused_lamb_cuda_kernel.cu`, driven by `ops/lamb/fused_lamb.py`), with the
 same constructor, the same per-tensor state (`step`, `exp_avg`, `exp_avg_sq`) and the same
-`lamb_coeffs` record. `tests/unit/test_lamb.py` holds a float64 oracle of the rule and,
+`lamb_coeffs` record. `tests/unit/trainer/test_lamb.py` holds a float64 oracle of the rule and,
 where CUDA is visible, a parity test against FusedLamb itself.
 
 The rule, per parameter tensor p with gradient g, at step t (1-based), group weight decay wd:

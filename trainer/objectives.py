@@ -1,13 +1,13 @@
 """Objectives by name: which views and model parts a step needs, and which loss it computes."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from kernels import contrastive
-from trainer.models.contrastive import ModelParts
+from trainer.models import ModelParts
 
 Outputs = dict[str, torch.Tensor]
 

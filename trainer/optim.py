@@ -4,6 +4,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainer.config import LR_SCALING, OptimConfig
+from trainer.engine import fused_lamb
+from trainer.lamb import Lamb
+
+
+def peak_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The recipe's lr moved from base_batch to the batch actually trained with: linear for
+    SGD-like optimizers (Goyal et al. 2017), square root for Adam and LAMB (You et al. 2020)."""
+    return optim.lr * (global_batch / optim.base_batch) ** LR_SCALING[optim.lr_scaling]
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay only on matrices: biases, norm scales, logit_scale and other 1-d params are exempt."""
@@ -32,10 +42,6 @@ def build_optimizer(
         return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
     if name == "lamb":
         if torch.device(device).type == "cuda":
-            from deepspeed.ops.lamb import FusedLamb  # JIT-builds the CUDA op on first use
-
-            return FusedLamb(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
-        from trainer.lamb import Lamb
-
+            return fused_lamb(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
         return Lamb(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
     raise ValueError(f"unknown optimizer '{name}'")

@@ -10,7 +10,16 @@ from typing import Any
 
 import torch
 
+from evaluation.prompts import read_lines, zeroshot_classnames
+from evaluation.retrieval import eval_retrieval
+from evaluation.zeroshot import eval_zeroshot
+from pipeline.eval_view import labelled_images
+from pipeline.reader import BetonDataset
+from trainer.build import model_from_config
 from trainer.config import Config
+from trainer.dist import barrier
+from trainer.engine import gathered_module
+from trainer.models import SlipModel
 
 
 class PeriodicEval:
@@ -19,33 +28,25 @@ class PeriodicEval:
         self.cfg, self.is_main = cfg, is_main
         self.every = max(1, round(e.every_epochs * steps_per_epoch)) if e.every_epochs > 0 else 0
         self.total = total_steps
-        self.zeroshot = e.zeroshot or cfg.data.zeroshot
-        self.retrieval = e.retrieval
+        self.zeroshot, self.retrieval = e.zeroshot, e.retrieval
         if self.every and not (self.zeroshot or self.retrieval):
-            raise ValueError("config: eval.every_epochs is set but there is nothing to evaluate: set eval.zeroshot (or data.zeroshot) or eval.retrieval")
+            raise ValueError("config: eval.every_epochs is set but there is nothing to evaluate: set eval.zeroshot or eval.retrieval")
         self.classnames = self.templates = None
         if self.every and self.zeroshot:
             self.classnames, self.templates = self._prompts(Path(self.zeroshot))
             self._check_classes()
         if self.every and self.retrieval:
-            from pipeline.reader import BetonDataset
-
             BetonDataset(self.retrieval)  # a bad path fails now, not epochs into the run
 
     def _check_classes(self) -> None:
         """The class names must fit the data now: an evaluation failing epochs into a multi-rank
         run would leave the other ranks waiting at its barrier."""
-        from pipeline.evaluation import labelled_images
-        from trainer.zeroshot import zeroshot_classnames
-
         try:
             zeroshot_classnames(labelled_images(self.zeroshot), self.classnames)
         except ValueError as err:
             raise ValueError(f"config: eval.zeroshot: {err}") from None
 
     def _prompts(self, folder: Path) -> tuple[list[str] | None, list[str] | None]:
-        from trainer.zeroshot import read_lines
-
         def pick(given: str, beside: str) -> list[str] | None:
             if given:
                 return read_lines(given)
@@ -67,44 +68,28 @@ class PeriodicEval:
                 results = self._evaluate(model)
         elif self.is_main:
             results = self._evaluate(engine.module)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        barrier(world)
         return results
 
     @torch.no_grad()
-    def _evaluate(self, model: Any) -> dict[str, float]:
-        from trainer.evaluate import eval_retrieval, eval_zeroshot
-
-        was_training = model.training
-        model.eval()
+    def _evaluate(self, model: SlipModel) -> dict[str, float]:
         out: dict[str, float] = {}
-        try:
-            b, threads, augment = self.cfg.eval.batch_size, self.cfg.data.threads, self.cfg.augment
-            if self.zeroshot and model.parts.text:
-                r = eval_zeroshot(model, augment, self.zeroshot, classnames=self.classnames, templates=self.templates,
-                                  batch_size=b, threads=threads)  # fmt: skip
-                out.update(zeroshot_top1=r["top1"], zeroshot_top5=r["top5"])
-            if self.retrieval and model.parts.text:
-                r = eval_retrieval(model, augment, self.retrieval, batch_size=b, threads=threads)
-                out.update({f"retrieval_i2t_{k}": v for k, v in r["image_to_text"].items()})
-                out.update({f"retrieval_t2i_{k}": v for k, v in r["text_to_image"].items()})
-        finally:
-            model.train(was_training)
+        b, threads, augment = self.cfg.eval.batch_size, self.cfg.data.threads, self.cfg.augment
+        if self.zeroshot and model.parts.text:
+            r = eval_zeroshot(model, augment, self.zeroshot, classnames=self.classnames, templates=self.templates,
+                              batch_size=b, threads=threads)  # fmt: skip
+            out.update(zeroshot_top1=r["top1"], zeroshot_top5=r["top5"])
+        if self.retrieval and model.parts.text:
+            r = eval_retrieval(model, augment, self.retrieval, batch_size=b, threads=threads)
+            out.update({f"retrieval_i2t_{k}": v for k, v in r["image_to_text"].items()})
+            out.update({f"retrieval_t2i_{k}": v for k, v in r["text_to_image"].items()})
         return out
 
-
-    def _gathered_copy(self, engine: Any) -> Any:
+    def _gathered_copy(self, engine: Any) -> SlipModel | None:
         """Collective: rank 0 gets a plain copy of the ZeRO-3 partitioned model, the others None.
         Rank 0 cannot run the engine's module alone: each submodule's forward hook would start an
         all-gather of its partitions that the other ranks never join."""
-        import deepspeed
-
-        from trainer.models.from_config import model_from_config
-
-        module = engine.module
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with gathered_module(engine) as module:
             if not self.is_main:
                 return None
             state = {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -1,17 +1,18 @@
 """The multi-objective forward: a batch in, a dict of losses and metrics out."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from trainer.config import LossConfig
 from trainer.objectives import Objective
 
-Model = Callable[..., dict[str, torch.Tensor]]  # a ContrastiveModel or the engine around one
+Model = Callable[..., dict[str, torch.Tensor]]  # a SlipModel or the engine around one
 
 
-class ContrastiveTask:
+class TrainingTask:
     def __init__(self, objective: Objective, loss: LossConfig, group: Any = None) -> None:
         self.objective, self.loss_cfg, self.group = objective, loss, group
         self.inputs = tuple(objective.views) + (("text",) if objective.text else ())

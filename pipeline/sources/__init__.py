@@ -10,12 +10,13 @@ import json
 import os
 import stat
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Union
+from typing import Any, NamedTuple
 
 # Where an image's encoded bytes are: the bytes themselves (e.g. from a tar stream), a file
 # path, or (zip archive path, member name).
-ImageRef = Union[bytes, str, tuple[str, str]]
+ImageRef = bytes | str | tuple[str, str]
 
 
 class Sample(NamedTuple):

@@ -10,8 +10,9 @@ keep schema v1 and stay readable by FFCV's own Loader. The caption of an image i
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.sources import Sample, SourceError
 from pipeline.sources.folder import IMAGE_SUFFIXES, read_captions

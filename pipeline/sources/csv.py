@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.sources import Sample, Skip, SourceError, csv_rows, sample_under
 

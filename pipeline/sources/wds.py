@@ -11,8 +11,8 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.sources import Sample, Skip, SourceError
 

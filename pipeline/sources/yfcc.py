@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import csv
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.sources import Sample, Skip, SourceError, csv_rows
 

@@ -62,14 +62,14 @@ def test_gpu_grayscale_frequency(tmp_path: Path, make_shapes_beton) -> None:
 def test_gpu_evaluation_view_matches_the_cpu_one(tmp_path: Path, make_shapes_beton) -> None:
     # A model on the GPU decodes its evaluation images with nvJPEG; the features must be those
     # of the CPU path up to decoder rounding.
+    from evaluation.features import image_features
+    from pipeline.eval_view import iter_beton
     from trainer.config import load_config
-    from trainer.evaluate import image_features
-    from pipeline.evaluation import iter_beton
 
     dataset = BetonDataset(make_shapes_beton(tmp_path, train_size=24))
     aug = AugmentConfig(image_size=64)
     torch.manual_seed(0)
-    from trainer.models.from_config import model_from_config
+    from trainer.build import model_from_config
 
     model = model_from_config(load_config("tiny_cpu")).eval()
     cpu, cpu_order = image_features(model, iter_beton(dataset, aug, batch_size=8), 3, "cpu")

@@ -16,8 +16,8 @@ def _adds_up(r: dict) -> None:
 
 
 def test_gpu_stages_add_up_to_the_step(tmp_path: Path, make_shapes_beton) -> None:
+    from profiling.step_profile import profile_step
     from trainer.config import load_config
-    from trainer.step_profile import profile_step
 
     beton = make_shapes_beton(tmp_path, train_size=64)
     common = [f"data.train={beton}", "data.batch_size=32", "engine.device=cuda"]

@@ -35,7 +35,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _convert(images: Path, out: Path, *extra: str, workers: int = 1) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "trainer.cli", "convert", "folder", "--images", str(images), "--out", str(out),
+    cmd = [sys.executable, "-m", "slip", "convert", "folder", "--images", str(images), "--out", str(out),
            "--workers", str(workers), "--shard-size", str(SHARD), "--max-side", "96", *extra]  # fmt: skip
     env = {**os.environ, "CI": "true"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -56,6 +56,9 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         assert sum(isinstance(m, CrossRankBatchNorm1d) for m in head.modules()) == 2
         result = _step(head, data["x"][rows], data["w"][rows])
         torch.save(result, Path(tmp) / f"rank_{rank}.pt")
+        # No rank tears its gloo pairs down while another still uses them: that aborts it
+        # ("terminate called without an active exception"), seen once in a full run.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

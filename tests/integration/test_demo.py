@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import shapes
-from trainer.cli import main
+from pipeline import demo_dataset as shapes
+from slip.main import main
 
-SLIP = [sys.executable, "-m", "trainer.cli"]
+SLIP = [sys.executable, "-m", "slip"]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

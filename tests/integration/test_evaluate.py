@@ -12,12 +12,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline import shapes
+from pipeline import demo_dataset as shapes
 from pipeline.augment import AugmentConfig
-from pipeline.evaluation import iter_beton, iter_folder
+from pipeline.eval_view import iter_beton, iter_folder
 from pipeline.reader import BetonDataset
 from pipeline.text import tokenize
-from trainer.models.contrastive import ModelParts
 
 AUG = AugmentConfig(image_size=32)
 
@@ -29,8 +28,6 @@ def _key(x: torch.Tensor) -> str:
 class LookupModel(nn.Module):
     """An oracle 'model': images and token rows are looked up in tables built from the data,
     each mapped to a one-hot (or a permuted one-hot) feature."""
-
-    parts = ModelParts(clip=True, ssl=False)
 
     def __init__(self, image_ids: dict[str, int], text_ids: dict[str, int], dim: int, perm: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -57,7 +54,7 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _zeroshot_model(raw: Path, perm: torch.Tensor | None = None) -> tuple[LookupModel, list[str], list[str]]:
-    from pipeline.evaluation import class_folders
+    from pipeline.eval_view import class_folders
 
     names = (raw / "classnames.txt").read_text().split("\n")
     names = [n for n in names if n]
@@ -74,7 +71,7 @@ def _zeroshot_model(raw: Path, perm: torch.Tensor | None = None) -> tuple[Lookup
 
 
 def test_zeroshot_is_perfect_for_matched_features_and_near_chance_for_shuffled(raw: Path) -> None:
-    from trainer.evaluate import eval_zeroshot
+    from evaluation.zeroshot import eval_zeroshot
 
     model, names, templates = _zeroshot_model(raw)
     r = eval_zeroshot(model, AUG, raw / "zeroshot", classnames=names, templates=templates, batch_size=16)
@@ -84,17 +81,18 @@ def test_zeroshot_is_perfect_for_matched_features_and_near_chance_for_shuffled(r
     r = eval_zeroshot(model, AUG, raw / "zeroshot", classnames=names, templates=templates, batch_size=16)
     assert r["top1"] == 0.0
 
-    class ImageOnly(LookupModel):
-        parts = ModelParts(clip=False, ssl=True)
+    class ImageOnly(nn.Module):  # an encoder without a text tower
+        def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+            return images.flatten(1)
 
     with pytest.raises(ValueError, match="needs a text tower"):
-        eval_zeroshot(ImageOnly({}, {}, 1), AUG, raw / "zeroshot", classnames=names, templates=templates)
+        eval_zeroshot(ImageOnly(), AUG, raw / "zeroshot", classnames=names, templates=templates)
 
 
 def test_retrieval_is_perfect_for_matched_features_and_chance_for_shuffled(raw: Path, tmp_path: Path) -> None:
+    from evaluation.retrieval import eval_retrieval
     from pipeline.convert import ConvertOptions, convert
     from pipeline.sources import folder
-    from trainer.evaluate import eval_retrieval
 
     # Distinct images with captions of their own: the oracle below is then exact.
     src = tmp_path / "src"
@@ -124,9 +122,11 @@ def test_retrieval_is_perfect_for_matched_features_and_chance_for_shuffled(raw: 
 
 
 def test_a_labelled_beton_evaluates_as_its_class_folders(raw: Path, tmp_path: Path, capsys) -> None:
-    from pipeline.evaluation import class_folders, labelled_images
-    from trainer.cli import main
-    from trainer.evaluate import eval_linear, eval_zeroshot
+    from evaluation.encoder import ImageTower
+    from evaluation.linear_probe import eval_linear
+    from evaluation.zeroshot import eval_zeroshot
+    from pipeline.eval_view import class_folders, labelled_images
+    from slip.main import main
 
     beton = tmp_path / "labelled"
     argv = ["convert", "classes", "--images", str(raw / "zeroshot"), "--classnames", str(raw / "classnames.txt"),
@@ -150,16 +150,15 @@ def test_a_labelled_beton_evaluates_as_its_class_folders(raw: Path, tmp_path: Pa
     more = shapes.generate(tmp_path / "more", shapes.ShapesSpec(seed=9, train_size=1, zeroshot_per_class=5), progress=False)
     train_ids = {_key(x): int(y) for images, labels in iter_folder(more / "zeroshot", AUG, batch_size=16) for x, y in zip(images, labels)}
 
-    class LabelTower(nn.Module):  # a frozen 'tower' that knows each image's class: the probe must then be perfect
-        parts = ModelParts(clip=False, ssl=True)
-
+    class LabelTower(nn.Module):  # a frozen image tower that knows each image's class: the probe must then be perfect
         def __init__(self) -> None:
             super().__init__()
-            self.anchor = nn.Parameter(torch.zeros(1))
             self.lookup = LookupModel({**train_ids, **image_ids}, {}, len(names))
-            self.visual = self.lookup.encode_image
 
-    probe = eval_linear(LabelTower(), AUG, more / "zeroshot", beton, batch_size=16)  # a folder, then a .beton
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.lookup.encode_image(images)
+
+    probe = eval_linear(ImageTower(LabelTower()), AUG, more / "zeroshot", beton, batch_size=16)  # a folder, then a .beton
     assert probe["n_train"] == 5 * len(names) and probe["n_val"] == len(folder_labels)
     assert probe["top1"] == 1.0  # the .beton's labels reach the probe aligned with its images
     # A dataset without labels is one line naming it.
@@ -180,7 +179,7 @@ def test_a_labelled_beton_evaluates_as_its_class_folders(raw: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_a_trained_run_evaluates_from_the_command_line(raw: Path, tmp_path: Path, make_shapes_beton, capsys) -> None:
-    from trainer.cli import main
+    from slip.main import main
 
     beton = make_shapes_beton(tmp_path / "data", train_size=32)
     overrides = [f"data.train={beton}", f"run.out={tmp_path}", "run.name=t", "schedule.steps=2", "data.batch_size=16",
@@ -239,7 +238,7 @@ def test_evaluation_during_training_is_logged_with_the_step(raw: Path, tmp_path:
 
 
 def test_a_template_may_hold_other_braces() -> None:
-    from trainer.zeroshot import class_embeddings
+    from evaluation.zeroshot import class_embeddings
 
     class Recorder(nn.Module):
         def __init__(self) -> None:
@@ -257,7 +256,7 @@ def test_a_template_may_hold_other_braces() -> None:
 
 
 def test_eval_command_line_errors_are_one_line(tmp_path: Path, capsys) -> None:
-    from trainer.cli import main
+    from slip.main import main
 
     base = ["eval", "zeroshot", "--checkpoint", str(tmp_path / "x.safetensors"), "--data", str(tmp_path)]
     assert main([*base, "--batch-size", "0"]) == 2

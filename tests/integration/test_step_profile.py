@@ -54,7 +54,7 @@ def _check_config(c: dict) -> None:
 
 
 def test_stages_add_up_and_a_comparison_reads_the_same_samples(beton: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    from trainer.cli import main
+    from slip.main import main
 
     # As after an in-process training run: this process holds a process group's port. The
     # fresh processes of a comparison must not try to listen on it.
@@ -64,13 +64,14 @@ def test_stages_add_up_and_a_comparison_reads_the_same_samples(beton: Path, tmp_
     base = ["profile", "step", "--config", "tiny_cpu", "--data", str(beton), *COMMON, "--warmup", "1", "--steps", "3", "--json"]
     capsys.readouterr()
     # Each configuration in a fresh process (the default).
-    assert main([*base, "--png", str(png), "--compare", "", "data.loader=reference engine.micro_batches=2"]) == 0
+    assert main([*base, "--png", str(png), "--compare", "", "data.loader=pil engine.micro_batches=2"]) == 0
     report = json.loads(capsys.readouterr().out)  # stdout holds the report alone; DeepSpeed's logs went to stderr
-    assert [c["name"] for c in report["configs"]] == ["base", "data.loader=reference engine.micro_batches=2"]
+    assert [c["name"] for c in report["configs"]] == ["base", "data.loader=pil engine.micro_batches=2"]
     for c in report["configs"]:
         _check_config(c)
-    assert report["configs"][1]["loader"] == "reference" and report["configs"][0]["loader"] == "dali-cpu"
+    assert report["configs"][1]["loader"] == "pil" and report["configs"][0]["loader"] == "dali-cpu"
     first = report["configs"][0]
+    assert report["configs"][1]["samples_digest"] == first["samples_digest"]  # the PIL loader read the same samples
     assert report["configs"][1]["step_ratio"] == pytest.approx(report["configs"][1]["step_ms"] / first["step_ms"])
     with Image.open(png) as image:
         assert image.format == "PNG"
@@ -80,7 +81,7 @@ def test_stages_add_up_and_a_comparison_reads_the_same_samples(beton: Path, tmp_
     again = _json_in(capsys.readouterr().out)
     for c in again["configs"]:
         _check_config(c)
-    assert again["configs"][0]["samples_digest"] == first["samples_digest"]  # the reference loader read them too
+    assert again["configs"][0]["samples_digest"] == first["samples_digest"]
     assert again["configs"][1]["samples_digest"] != first["samples_digest"]
     assert len({c["peak_flops"] for c in [*report["configs"], *again["configs"]]}) <= 2  # one peak per comparison
 
@@ -93,8 +94,8 @@ def test_a_delay_shows_in_its_stage(beton: Path, monkeypatch) -> None:
     import deepspeed.comm as ds_comm
     from deepspeed.runtime.engine import DeepSpeedEngine
 
+    from profiling.step_profile import profile_step
     from trainer.config import load_config
-    from trainer.step_profile import profile_step
 
     calls = {"all_reduce": 0}
     step, all_reduce = DeepSpeedEngine.step, ds_comm.all_reduce
@@ -123,7 +124,7 @@ def test_a_delay_shows_in_its_stage(beton: Path, monkeypatch) -> None:
 
 
 def test_bad_input_is_one_line(beton: Path, capsys) -> None:
-    from trainer.cli import main
+    from slip.main import main
 
     assert main(["profile", "step", "--config", "tiny_cpu", "--compare", "", "data.nope=1", "--data", str(beton)]) == 2
     assert "data.nope" in capsys.readouterr().err
@@ -142,7 +143,7 @@ def test_two_ranks_show_the_gradient_reduction(beton: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port)]
-    command = [*launcher, "--module", "trainer.cli", "profile", "step", "--config", "tiny_cpu", "--data", str(beton), *COMMON,
+    command = [*launcher, "--module", "slip", "profile", "step", "--config", "tiny_cpu", "--data", str(beton), *COMMON,
                "--warmup", "1", "--steps", "3", "--json", "--compare", "", "engine.zero_stage=2"]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

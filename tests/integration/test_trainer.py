@@ -92,8 +92,8 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_bitwise_the_straight_one(bet
 
 
 def test_export_of_a_trained_run_reloads_without_deepspeed_to_the_same_embeddings(beton: Path, tmp_path: Path) -> None:
-    from trainer.export import load_model
-    from trainer.cli import main
+    from slip.main import main
+    from trainer.weights import load_model
 
     result = _train(_cfg(beton, tmp_path, "exported", 3))
     out = tmp_path / "slip.safetensors"
@@ -132,7 +132,7 @@ def test_sigkill_in_the_middle_of_a_save_resumes_from_the_last_complete_checkpoi
     script = f"""
 import os, signal, sys
 import trainer.checkpoint as ck
-from trainer.cli import main
+from slip.main import main
 saves = []
 original = ck.write_json_atomic
 def dying_write(path, payload):
@@ -149,7 +149,7 @@ sys.exit(main(["train", "--config", "tiny_cpu", *{overrides!r}]))
     assert (checkpoints / "latest").read_text() == "step-00000002"
     assert (checkpoints / "step-00000004.partial").is_dir() and not (checkpoints / "step-00000004").exists()
 
-    from trainer.cli import main
+    from slip.main import main
 
     assert main(["train", "--config", "tiny_cpu", *overrides]) == 0
     assert _curve(tmp_path / "killed") == _curve(straight.run_dir)
@@ -160,13 +160,13 @@ sys.exit(main(["train", "--config", "tiny_cpu", *{overrides!r}]))
 def test_non_finite_losses_are_skipped_counted_and_stop_the_run_when_they_persist(
     beton: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trainer.loop
-    from trainer.task import ContrastiveTask
+    import trainer.build
+    from trainer.task import TrainingTask
 
     poisoned: set[int] = {1, 2}
     calls = []
 
-    class PoisonedTask(ContrastiveTask):
+    class PoisonedTask(TrainingTask):
         def __call__(self, model, batch):
             losses = super().__call__(model, batch)
             calls.append(len(calls))
@@ -174,7 +174,7 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run_when_they_persis
                 losses["loss"] = losses["loss"] * float("nan")
             return losses
 
-    monkeypatch.setattr(trainer.loop, "ContrastiveTask", PoisonedTask)
+    monkeypatch.setattr(trainer.build, "TrainingTask", PoisonedTask)
     result = _train(_cfg(beton, tmp_path, "nan", 5, "run.max_nonfinite=3"))
     records = _records(result.run_dir)
     assert result.steps == 5 and [r["nonfinite_skipped"] for r in records] == [0, 1, 2, 2, 2]
@@ -182,7 +182,7 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run_when_they_persis
     scales = [r["logit_scale"] for r in records]  # each the scale the step's forward used
     assert scales[1] == scales[2] == scales[3] != scales[4]
 
-    from trainer.cli import main
+    from slip.main import main
     from trainer.loop import TrainingStopped
 
     poisoned.update(range(100))

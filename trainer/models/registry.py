@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.models.contrastive import ContrastiveModel, ModelParts
+from trainer.models.slip_model import ModelParts, SlipModel
 from trainer.models.text import TextTransformer
 from trainer.models.vision import build_vit
 
@@ -46,7 +46,7 @@ def build_model(
     ssl_emb_dim: int = 256,
     context_length: int = 77,
     vocab_size: int = 49408,
-) -> ContrastiveModel:
+) -> SlipModel:
     if size not in SIZES:
         raise ValueError(f"unknown model size '{size}'; known: {', '.join(SIZES)}")
     s = SIZES[size]
@@ -56,6 +56,6 @@ def build_model(
     text = None
     if parts.text:
         text = TextTransformer(s.text_width, s.text_layers, s.text_heads, context_length, vocab_size)
-    return ContrastiveModel(
+    return SlipModel(
         visual, s.vision_width, text, parts, embed_dim=embed_dim, ssl_mlp_dim=ssl_mlp_dim, ssl_emb_dim=ssl_emb_dim
     )

@@ -1,0 +1,59 @@
+"""Zero-shot classification: class prompts through the text tower, images through the image tower."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from evaluation.encoder import Encoder, batch_bar, dali_device, encoder_device, eval_mode
+from evaluation.features import require_text
+from evaluation.prompts import checked_templates, default_templates, fill, zeroshot_classnames
+from pipeline.augment import AugmentConfig
+from pipeline.eval_view import LabelledImages, labelled_images
+from pipeline.text import tokenize
+
+
+@torch.no_grad()
+def class_embeddings(encoder: Encoder, classnames: list[str], templates: list[str], device: torch.device) -> torch.Tensor:
+    """[C, d]: per class, the mean of its L2-normalised prompt embeddings, renormalised (CLIP's ensemble)."""
+    rows = []
+    for name in classnames:
+        tokens = torch.from_numpy(tokenize([fill(t, name) for t in templates]).astype("int64")).to(device)  # (T, 77)
+        emb = F.normalize(encoder.encode_text(tokens).float(), dim=-1).mean(dim=0)  # (d,)
+        rows.append(F.normalize(emb, dim=0))
+    return torch.stack(rows)  # (C, d)
+
+
+@torch.no_grad()
+def eval_zeroshot(
+    encoder: Encoder,
+    augment: AugmentConfig,
+    data: str | Path | LabelledImages,
+    *,
+    classnames: list[str] | None = None,
+    templates: list[str] | None = None,
+    batch_size: int = 256,
+    threads: int = 2,
+) -> dict[str, float]:
+    """Top-1 and top-5 (fractions in 0..1) over every image of a class-per-folder tree or a
+    labelled converted dataset. `classnames` None: as `zeroshot_classnames` picks them;
+    `templates` None: CLIP's 80."""
+    require_text(encoder, "zero-shot classification")
+    templates = checked_templates(templates or default_templates())
+    data = data if isinstance(data, LabelledImages) else labelled_images(data)
+    classnames = zeroshot_classnames(data, classnames)
+    device = encoder_device(encoder)
+    k = min(5, len(classnames))
+    top1 = top5 = total = 0
+    with eval_mode(encoder):
+        classes = class_embeddings(encoder, classnames, templates, device)  # first: a text-less model fails before any decode
+        batches = data.batches(augment, batch_size=batch_size, threads=threads, **dali_device(encoder))
+        for images, labels in batch_bar(batches, -(-data.n_images // batch_size), "zero-shot"):
+            feats = F.normalize(encoder.encode_image(images.to(device)).float(), dim=-1)  # (b, d)
+            ranked = (feats @ classes.T).topk(k, dim=-1).indices.cpu()  # (b, k)
+            hits = ranked == labels[:, None]
+            top1 += int(hits[:, 0].sum())
+            top5 += int(hits.any(dim=-1).sum())
+            total += len(labels)
+    return {"top1": top1 / total, "top5": top5 / total, "images": total, "classes": len(classnames)}

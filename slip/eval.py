@@ -1,0 +1,110 @@
+"""`slip eval zeroshot|linear|retrieval`: a trained or released model, evaluated as SLIP reports it.
+
+A checkpoint is any of: an exported `.safetensors` (`slip export`), a run directory (its
+latest complete checkpoint), or a checkpoint released by the SLIP reference (`.pt`/`.pth`).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slip.output import emit, percent, stdout_to_stderr
+
+if TYPE_CHECKING:
+    from pipeline.augment import AugmentConfig
+    from trainer.models import SlipModel
+
+
+def open_model(checkpoint: str | Path, *, image_size: int | None = None) -> tuple[SlipModel, AugmentConfig]:
+    """The model in eval mode and the evaluation view's settings (the training image size and normalisation)."""
+    from pipeline.augment import AugmentConfig
+    from trainer.checkpoint import latest_weights
+    from trainer.release import load_release
+    from trainer.weights import load_model_and_config
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = latest_weights(path / "checkpoints")
+    if path.suffix in (".pt", ".pth"):
+        model = load_release(path, image_size=image_size)  # None: the size it was trained at
+        return model.eval(), AugmentConfig(image_size=int(model.visual.patch_embed.img_size[0]))
+    model, cfg = load_model_and_config(path)
+    if image_size is not None and image_size != cfg.augment.image_size:
+        # Its ViT's position embedding is fixed to the training grid; SLIP's releases are resampled on load.
+        raise ValueError(f"{path}: --image-size {image_size}: this model was trained at {cfg.augment.image_size} px and evaluates at that size")
+    return model, cfg.augment
+
+
+def _zeroshot(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig, common: dict) -> tuple[dict, str]:
+    from evaluation.prompts import read_lines
+    from evaluation.zeroshot import eval_zeroshot
+
+    names = read_lines(args.classnames) if args.classnames else None
+    templates = read_lines(args.templates) if args.templates else None
+    r = eval_zeroshot(model, augment, args.data, classnames=names, templates=templates, **common)
+    return r, f"zero-shot on {args.data}: top-1 {percent(r['top1'], 2)}, top-5 {percent(r['top5'], 2)} ({r['images']} images, {r['classes']} classes)"
+
+
+def _linear(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig, common: dict) -> tuple[dict, str]:
+    from evaluation.encoder import ImageTower
+    from evaluation.linear_probe import eval_linear
+
+    grid = [float(v) for v in args.l2.split(",") if v.strip()] if args.l2 else None
+    # SLIP's probe reads the image tower's pooled features, before any projection head.
+    r = eval_linear(ImageTower(model.visual), augment, args.train, args.val, l2_grid=grid, **common)
+    line = f"linear probe {args.train} -> {args.val}: top-1 {percent(r['top1'], 2)} (l2 {r['l2']:g}, {r['n_train']} train, {r['n_val']} val)"
+    if r["at_edge"]:
+        line += f"\nnote: l2 {r['l2']:g} is at the end of the grid; a wider --l2 grid may do better"
+    return r, line
+
+
+def _retrieval(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig, common: dict) -> tuple[dict, str]:
+    from evaluation.retrieval import eval_retrieval
+
+    r = eval_retrieval(model, augment, args.data, **common)
+    both = {direction: ", ".join(f"{k} {percent(v)}" for k, v in r[direction].items()) for direction in ("image_to_text", "text_to_image")}
+    return r, (f"retrieval on {args.data} ({r['images']} images, {r['captions']} captions): "
+               f"image->text {both['image_to_text']}; text->image {both['text_to_image']}")  # fmt: skip
+
+
+_KINDS = {"zeroshot": _zeroshot, "linear": _linear, "retrieval": _retrieval}
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.batch_size < 1 or args.threads < 1:
+        raise ValueError(f"--batch-size and --threads must be positive, got {args.batch_size} and {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA device")
+    with stdout_to_stderr():  # stdout carries the figures alone
+        model, augment = open_model(args.checkpoint, image_size=args.image_size)
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model = model.to(device)  # images are then decoded on that GPU too
+        result, line = _KINDS[args.kind](args, model, augment, {"batch_size": args.batch_size, "threads": args.threads})
+    emit(result, line, args.json)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="zero-shot, linear probe or retrieval of a checkpoint")
+    kinds = ev.add_subparsers(dest="kind", required=True)
+    zs = kinds.add_parser("zeroshot", help="zero-shot classification of a class-per-folder tree or a labelled dataset")
+    zs.add_argument("--data", required=True, help="one sub-folder per class (ImageNet layout), or `slip convert classes` output")
+    zs.add_argument("--classnames", help="one class name per line, in sorted folder order (default: the dataset's, else ImageNet's)")
+    zs.add_argument("--templates", help="one prompt per line with {} for the class (default: CLIP's 80)")
+    lin = kinds.add_parser("linear", help="logistic regression on frozen image features")
+    lin.add_argument("--train", required=True, help="class-per-folder training images, or `slip convert classes` output")
+    lin.add_argument("--val", required=True, help="validation images in either form (the same classes)")
+    lin.add_argument("--l2", help="L2 strengths to choose from, comma-separated (default: 1e-8 ... 1e2, a decade apart)")
+    ret = kinds.add_parser("retrieval", help="image-text recall@1/5/10 on a captioned dataset")
+    ret.add_argument("--data", required=True, help="directory written by `slip convert`")
+    for p in (zs, lin, ret):
+        p.add_argument("--checkpoint", required=True, help="a .safetensors from `slip export`, a run directory, or a SLIP reference .pt")
+        p.add_argument("--image-size", type=int, help="evaluation crop (default: the training size; 224 for SLIP's releases)")
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (default: a GPU if there is one)")
+        p.add_argument("--json", action="store_true", help="print the figures as JSON")
+        p.set_defaults(func=_cmd_eval)
