@@ -1,1 +1,2 @@
-"""The trainer: config tree, models, task, DeepSpeed engine, loop, evaluation and the `slip` command."""
+"""The trainer: the config tree, models, objectives and task, the DeepSpeed engine, the build of a
+run, the loop, checkpoints and weights. Training's entry point is `trainer.train`."""
