@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from evaluation.encoder import ImageEncoder, dali_device
 from evaluation.features import image_features
-from pipeline.augment import AugmentConfig
+from pipeline.augment_config import AugmentConfig
 from pipeline.eval_view import LabelledImages, labelled_images
 
 # Eleven strengths, a decade apart. On L2-normalised features 1e-8 is unregularised for any

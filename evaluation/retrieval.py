@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from evaluation.encoder import Encoder, dali_device
 from evaluation.features import image_features, require_text, text_features
-from pipeline.augment import AugmentConfig
+from pipeline.augment_config import AugmentConfig
 from pipeline.eval_view import iter_beton
 from pipeline.reader import BetonDataset
 

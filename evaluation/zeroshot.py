@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from evaluation.encoder import Encoder, batch_bar, dali_device, encoder_device, eval_mode
 from evaluation.features import require_text
 from evaluation.prompts import checked_templates, default_templates, fill, zeroshot_classnames
-from pipeline.augment import AugmentConfig
+from pipeline.augment_config import AugmentConfig
 from pipeline.eval_view import LabelledImages, labelled_images
 from pipeline.text import tokenize
 

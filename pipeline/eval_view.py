@@ -3,18 +3,21 @@
 Two sources: a class-per-folder tree (ImageNet layout; labels are the indices of the sorted
 sub-folder names) and a converted `.beton` directory (in sample order; labelled when it was
 written by `slip convert classes`). Every image is read exactly once.
+
+DALI is imported when a graph is built, not with this module: the config tree and the trainer
+import it, and a node without DALI (the offline bundle's first tier) still trains and profiles.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.augment import AugmentConfig, normalize
+from pipeline.augment_config import AugmentConfig
 from pipeline.reader import BetonDataset
 from pipeline.schema import MANIFEST
 from pipeline.sources.classes import class_list as class_folders  # one definition of a class tree's classes
@@ -41,17 +44,28 @@ def iter_folder(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images float32 [b, 3, S, S], labels int64 [b]) over the whole folder, the last batch short."""
     class_folders(root)
-
-    @pipeline_def
-    def graph():
-        jpegs, labels = fn.readers.file(file_root=str(root), random_shuffle=False, pad_last_batch=True, name="reader")
-        return _eval_view(jpegs, augment, device), labels
-
-    pipe = _built(graph, batch_size, threads, device, device_id)
+    pipe = _built(lambda fn: fn.readers.file(file_root=str(root), random_shuffle=False, pad_last_batch=True, name="reader"),
+                  augment, batch_size, threads, device, device_id)  # fmt: skip
     yield from _batches(pipe, pipe.epoch_size("reader"), batch_size)
 
 
-def _built(graph, batch_size: int, threads: int, device: str, device_id: int):
+def _built(reader: Callable, augment: AugmentConfig, batch_size: int, threads: int, device: str, device_id: int) -> Any:
+    """A built DALI pipeline: `reader(fn)` gives (encoded images, a second output), the images
+    go through the evaluation view: the shorter side resized, then a center crop of the
+    training size, as SLIP evaluates."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipeline.augment import normalize
+
+    size = augment.image_size
+
+    @pipeline_def
+    def graph():
+        jpegs, second = reader(fn)
+        images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=size, antialias=True)
+        return normalize(images, augment, crop=(size, size)), second
+
     pipe = graph(batch_size=batch_size, num_threads=threads, device_id=device_id if device == "gpu" else None, seed=0)
     pipe.build()
     return pipe
@@ -65,14 +79,6 @@ def _batches(pipe, n: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torc
         x = torch.from_dlpack(images.as_tensor())[:keep].clone()  # (b, 3, S, S)
         y = torch.from_numpy(np.asarray(second.as_cpu().as_tensor()).reshape(-1)[:keep].astype(np.int64))  # (b,)
         yield x, y
-
-
-def _eval_view(jpegs, augment: AugmentConfig, device: str):
-    size = augment.image_size
-    images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-    # As SLIP's evaluation: resize the shorter side, then a center crop of the training size.
-    images = fn.resize(images, resize_shorter=size, antialias=True)
-    return normalize(images, augment, crop=(size, size))
 
 
 def iter_beton(
@@ -94,12 +100,9 @@ def iter_beton(
         indices = [(start + k) % n for k in range(batch_size)]
         return [dataset.jpeg(i) for i in indices], np.asarray(indices, dtype=np.int64).reshape(-1, 1)
 
-    @pipeline_def
-    def graph():
-        jpegs, index = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
-        return _eval_view(jpegs, augment, device), index
-
-    yield from _batches(_built(graph, batch_size, threads, device, device_id), n, batch_size)
+    pipe = _built(lambda fn: fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True),
+                  augment, batch_size, threads, device, device_id)  # fmt: skip
+    yield from _batches(pipe, n, batch_size)
 
 
 @dataclass

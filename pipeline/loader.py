@@ -34,7 +34,8 @@ import torch
 from nvidia.dali import fn, pipeline_def
 from nvidia.dali.pipeline import Pipeline
 
-from pipeline.augment import VIEWS, AugmentConfig, three_view_pipeline
+from pipeline.augment import three_view_pipeline
+from pipeline.augment_config import VIEWS, AugmentConfig
 from pipeline.batch_source import REASON_NAMES, UNDECODABLE, BatchSource
 from pipeline.jpeg_check import OK
 from pipeline.reader import BetonDataset

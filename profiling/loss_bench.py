@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,20 +44,86 @@ def _measure(backend: str, batch: int, dim: int, device: str, dtype: str, repeat
         queue.put({"error": f"{type(err).__name__}: {err}"})
 
 
-def profile_loss(
-    batch: int, dim: int, backends: list[str], *, device: str = "cpu", dtype: str = "float32", repeats: int = 1
-) -> dict[str, Any]:
+def largest_fitting(fits: Callable[[int], bool], start: int, step: int = 1024, cap: int = 2**24) -> int:
+    """The largest multiple of `step` (up to `cap`) for which `fits`, assuming that whatever fits,
+    every smaller batch fits too: doubling from `start` until one does not fit, then bisection
+    between the last that did and the first that did not. 0 when not even `step` fits."""
+    first = max(step, start // step * step)
+    if fits(first):
+        lo, hi = first, 2 * first
+        while hi <= cap and fits(hi):
+            lo, hi = hi, 2 * hi
+        if hi > cap:
+            return lo
+    else:
+        lo, hi = 0, first
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _fit(backend: str, dim: int, device: str, dtype: str, budget: int, start: int, queue) -> None:
+    """The largest batch (a multiple of 1024) whose forward + backward keeps the CUDA allocator's
+    peak, embeddings and gradients included, within `budget` bytes: doubling from `start` until
+    one does not fit, then bisection. The process may not allocate beyond the budget at all."""
+    try:
+        dev = torch.device(device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(dev).total_memory), dev)
+        kind = getattr(torch, dtype)
+        probes: list[tuple[int, bool, int]] = []
+
+        def fits(b: int) -> bool:
+            torch.cuda.empty_cache()
+            reset_peak(dev)
+            try:
+                leaves = [torch.randn(b, d, device=dev, dtype=kind, requires_grad=True) for d in (dim, dim, SSL_DIM, SSL_DIM)]
+                scale = torch.tensor([1 / 0.07], device=dev, requires_grad=True)
+                contrastive.slip_loss(leaves[0], leaves[1], scale, leaves[2], leaves[3], backend=backend)["loss"].backward()
+                torch.cuda.synchronize(dev)
+                ok = peak_bytes(dev) <= budget
+            except torch.OutOfMemoryError:
+                ok = False
+            probes.append((b, ok, peak_bytes(dev)))
+            return ok
+
+        lo = largest_fitting(fits, start)
+        queue.put({"largest_batch": lo, "budget_bytes": budget, "probes": probes})
+    except Exception as err:  # reported by the parent as this backend's failure
+        queue.put({"error": f"{type(err).__name__}: {err}"})
+
+
+def fit_batches(dim: int, backends: list[str], *, device: str, dtype: str, budget_gib: float, start: int) -> dict[str, Any]:
+    """Per backend, in a fresh process each, the largest batch that fits in `budget_gib` GiB of GPU memory."""
+    if torch.device(device).type != "cuda":
+        raise ValueError("--fit measures the CUDA allocator: it needs --device cuda")
+    results = {}
+    for name in _checked(backends):
+        results[name] = _spawned(_fit, name, dim, device, dtype, int(budget_gib * 2**30), start)
+    return {"dim": dim, "ssl_dim": SSL_DIM, "device": device, "dtype": dtype, "budget_gib": budget_gib, "backends": results}
+
+
+def _checked(backends: list[str]) -> list[str]:
     for name in backends:
         if name not in contrastive.BACKENDS:
             raise ValueError(f"unknown backend {name!r}; available: {', '.join(contrastive.BACKENDS)}")
+    return backends
+
+
+def _spawned(target, *args: Any) -> dict[str, Any]:
+    """target(*args, queue) in a fresh spawned process: its memory figures are its own."""
     ctx = mp.get_context("spawn")
-    results: dict[str, Any] = {}
-    for name in backends:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_measure, args=(name, batch, dim, device, dtype, repeats, queue))
-        proc.start()
-        proc.join()
-        results[name] = queue.get() if not queue.empty() else {"error": f"exited with code {proc.exitcode}"}
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    proc.join()
+    return queue.get() if not queue.empty() else {"error": f"exited with code {proc.exitcode}"}
+
+
+def profile_loss(
+    batch: int, dim: int, backends: list[str], *, device: str = "cpu", dtype: str = "float32", repeats: int = 1
+) -> dict[str, Any]:
+    results = {name: _spawned(_measure, name, batch, dim, device, dtype, repeats) for name in _checked(backends)}
     first = results[backends[0]]
     for name in backends[1:]:
         r = results[name]

@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from pipeline.augment import VIEWS, AugmentConfig
+from pipeline.augment_config import VIEWS, AugmentConfig
 from pipeline.reader import BetonDataset
 from pipeline.sampler import EpochSampler
 

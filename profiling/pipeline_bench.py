@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline.augment import AugmentConfig
+from pipeline.augment_config import AugmentConfig
 from pipeline.loader import ThreeViewLoader
 from pipeline.reader import BetonDataset
 from pipeline.sampler import EpochSampler

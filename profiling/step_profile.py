@@ -30,8 +30,9 @@ import torch
 from pipeline.reader import BetonDataset
 from profiling.flops import device_peak_flops, measured_peak_flops, mfu, step_flops
 from profiling.pil_pipeline import pil_batches
+from profiling.plain_step import PLAIN_NAME, plain_step
 from profiling.stage_timer import STAGES, StageTimer, instrument
-from trainer.build import Built, build, loader_device
+from trainer.build import Built, build, build_step, loader_device
 from trainer.config import Config, load_config, require_train_data
 from trainer.dist import pick_device
 from trainer.engine import linear_restored, set_lr
@@ -62,6 +63,8 @@ def _loader_alone(loader: Any, dataset: Any, sampler: Any, start: int, batches: 
     for _ in range(batches):
         next(loader)
     per_batch = 1e3 * (time.perf_counter() - t0) / batches
+    if dataset is None:  # the synthetic loader reads nothing
+        return {"read_ms": 0.0, "decode_augment_ms": 0.0, "batch_ms": per_batch}
     ahead = start + skip + batches + 8  # past anything prefetched
     t0 = time.perf_counter()
     for step in range(ahead, ahead + batches):
@@ -104,15 +107,16 @@ def _loader(built: Built) -> Any:
 
 
 def profile_step(
-    cfg: Config, *, warmup: int = 3, steps: int = 10, loader_batches: int = 3, peak: tuple[float, str] | None = None
+    cfg: Config, *, warmup: int = 3, steps: int = 10, loader_batches: int = 3, peak: tuple[float, str] | None = None, plain: bool = False
 ) -> dict[str, Any]:
     """Stage times of `steps` training steps after `warmup` ones, on this process's rank.
-    `peak`: the device's (FLOP/s, source) for MFU; measured here when not given."""
+    `peak`: the device's (FLOP/s, source) for MFU; measured here when not given. `plain`: the
+    step of the plain torch baseline (`profiling.plain_step`) instead of slipstream's."""
     require_train_data(cfg, PROFILE_DATA_HINT)
     if warmup < 0 or steps < 1:
         raise ValueError(f"--warmup must be >= 0 and --steps >= 1, got {warmup} and {steps}")
     with linear_restored():
-        built = build(cfg)
+        built = build(cfg, plain_step if plain else build_step)
         loader = None
         try:
             loader = _loader(built)
@@ -150,7 +154,7 @@ def profile_step(
         "device": str(dist.device),
         "world": dist.world,
         "batch_size": cfg.data.batch_size,
-        "loader": "pil" if cfg.data.loader == "pil" else f"dali-{loader_device(cfg, built.device)}",
+        "loader": f"dali-{loader_device(cfg, built.device)}" if cfg.data.loader == "dali" else cfg.data.loader,
         "warmup": warmup,
         "steps": steps,
         "stages_ms": stages,
@@ -179,11 +183,11 @@ def _failure(err: Exception) -> dict[str, str]:
 _LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _child(recipe: str, overrides: list[str], warmup: int, steps: int, peak: tuple[float, str], queue: Any) -> None:
+def _child(recipe: str, overrides: list[str], warmup: int, steps: int, peak: tuple[float, str], plain: bool, queue: Any) -> None:
     for name in _LAUNCH_ENV:
         os.environ.pop(name, None)
     try:
-        queue.put(profile_step(load_config(recipe, overrides), warmup=warmup, steps=steps, peak=peak))
+        queue.put(profile_step(load_config(recipe, overrides), warmup=warmup, steps=steps, peak=peak, plain=plain))
     except Exception as err:  # reported by the parent as this configuration's failure
         queue.put(_failure(err))
 
@@ -203,37 +207,41 @@ def _result(proc: Any, queue: Any) -> dict[str, Any]:
 
 
 def compare_steps(
-    recipe: str, overrides: list[str], variants: list[list[str]], *, warmup: int = 3, steps: int = 10, fresh_processes: bool = True
+    recipe: str, overrides: list[str], variants: list[list[str]], *, warmup: int = 3, steps: int = 10, fresh_processes: bool = True,
+    plain_baseline: bool = False,
 ) -> dict[str, Any]:
     """profile_step per variant (the recipe + `overrides` + the variant's overrides), in order,
     each in a fresh process unless `fresh_processes` is False (under a multi-rank launcher, where
-    every rank must run the same configurations in the same order); ratios against the first."""
+    every rank must run the same configurations in the same order); ratios against the first.
+    `plain_baseline`: last, the recipe + `overrides` as the plain torch baseline."""
     variants = variants or [[]]
-    configs = [load_config(recipe, [*overrides, *v]) for v in variants]
+    runs = [(" ".join(v) or "base", v, False) for v in variants] + ([(PLAIN_NAME, [], True)] if plain_baseline else [])
+    configs = [load_config(recipe, [*overrides, *v]) for _, v, _ in runs]
     for cfg in configs:  # a bad key or dataset fails here, in one line, before minutes of profiling
         require_train_data(cfg, PROFILE_DATA_HINT)
-        BetonDataset(cfg.data.train)
+        if cfg.data.loader != "synthetic":
+            BetonDataset(cfg.data.train)
     peaks: dict[tuple[str, str], tuple[float, str]] = {}  # measured once per device and precision: comparable MFUs
     for cfg in configs:
         key = (cfg.engine.device, cfg.engine.precision)
         if key not in peaks:
             peaks[key] = device_peak(cfg)
     results = []
-    for v, cfg in zip(variants, configs):
+    for (name, v, plain), cfg in zip(runs, configs):
         peak = peaks[(cfg.engine.device, cfg.engine.precision)]
         if fresh_processes:
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
-            proc = ctx.Process(target=_child, args=(recipe, [*overrides, *v], warmup, steps, peak, queue))
+            proc = ctx.Process(target=_child, args=(recipe, [*overrides, *v], warmup, steps, peak, plain, queue))
             proc.start()
             r = _result(proc, queue)
             proc.join()
         else:
             try:
-                r = profile_step(cfg, warmup=warmup, steps=steps, peak=peak)
+                r = profile_step(cfg, warmup=warmup, steps=steps, peak=peak, plain=plain)
             except Exception as err:
                 r = _failure(err)
-        results.append({"name": " ".join(v) or "base", "overrides": v, **r})
+        results.append({"name": name, "overrides": v, **r})
     first = results[0]
     for r in results[1:]:
         if "error" not in r and "error" not in first:

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 from slip.output import emit, percent, stdout_to_stderr
 
 if TYPE_CHECKING:
-    from pipeline.augment import AugmentConfig
+    from pipeline.augment_config import AugmentConfig
     from trainer.models import SlipModel
 
 
 def open_model(checkpoint: str | Path, *, image_size: int | None = None) -> tuple[SlipModel, AugmentConfig]:
     """The model in eval mode and the evaluation view's settings (the training image size and normalisation)."""
-    from pipeline.augment import AugmentConfig
+    from pipeline.augment_config import AugmentConfig
     from trainer.checkpoint import latest_weights
     from trainer.release import load_release
     from trainer.weights import load_model_and_config

@@ -64,10 +64,23 @@ def _loss_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _fit_lines(r: dict[str, Any]) -> list[str]:
+    lines = [f"largest batch whose SLIP loss forward + backward fits in {r['budget_gib']:g} GiB: dim {r['dim']} (SimCLR {r['ssl_dim']}), {r['dtype']} on {r['device']}"]
+    for name, v in r["backends"].items():
+        lines.append(f"  {name:10s} " + (f"failed: {v['error']}" if "error" in v else f"{v['largest_batch']:8d}  ({len(v['probes'])} probes)"))
+    return lines
+
+
 def _cmd_loss(args: argparse.Namespace) -> int:
-    from profiling.loss_bench import profile_loss
+    from profiling.loss_bench import fit_batches, profile_loss
 
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    if args.fit is not None:
+        if args.fit <= 0:
+            raise ValueError(f"--fit is a memory budget in GiB, got {args.fit}")
+        r = fit_batches(args.dim, backends, device=args.device, dtype=args.dtype, budget_gib=args.fit, start=args.batch)
+        emit(r, lambda: "\n".join(_fit_lines(r)), args.json)
+        return 0 if all("error" not in v for v in r["backends"].values()) else 1
     r = profile_loss(args.batch, args.dim, backends, device=args.device, dtype=args.dtype, repeats=args.repeats)
     emit(r, lambda: "\n".join(_loss_lines(r)), args.json)
     return 0 if all("error" not in v for v in r["backends"].values()) else 1
@@ -89,7 +102,8 @@ def _step_report(args: argparse.Namespace) -> dict:
     # Under a multi-rank launcher every rank must run the same configurations together, in its own process.
     same_process = args.same_process or int(os.environ.get("WORLD_SIZE", "1")) > 1
     with stdout_to_stderr():
-        return compare_steps(args.config, _overrides(args), variants, warmup=args.warmup, steps=args.steps, fresh_processes=not same_process)
+        return compare_steps(args.config, _overrides(args), variants, warmup=args.warmup, steps=args.steps, fresh_processes=not same_process,
+                             plain_baseline=args.plain_baseline)  # fmt: skip
 
 
 def step_table(report: dict[str, Any]) -> str:
@@ -159,6 +173,8 @@ def _cmd_all(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("slip profile all runs in one process; under a launcher use `slip profile step`")
     cfg = load_config(args.config, _overrides(args))
+    if cfg.data.loader == "synthetic":
+        raise ValueError("slip profile all measures the input pipeline too, which data.loader=synthetic has none of: use `slip profile step`")
     require_train_data(cfg, PROFILE_DATA_HINT)
     device = pick_device(cfg.engine.device)
     views = get_objective(cfg.model.objective).views
@@ -217,6 +233,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ploss.add_argument("--device", default="cpu", help="cpu or cuda")
     ploss.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ploss.add_argument("--repeats", type=int, default=1, help="runs per backend; the fastest is reported")
+    ploss.add_argument("--fit", type=float, metavar="GIB",
+                       help="instead of timing: the largest batch (bisection from --batch) each backend fits in GIB of GPU memory (CUDA only)")  # fmt: skip
     ploss.set_defaults(func=_cmd_loss)
 
     for name, helptext, func in (
@@ -232,6 +250,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--warmup", type=int, default=3, help="steps run first and not measured (default 3)")
         p.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
         p.add_argument("--png", help="write a stacked-bar chart of the stage breakdown to this file")
+        p.add_argument("--plain-baseline", action="store_true",
+                       help="add, last, the recipe's step as the SLIP reference trains it: plain torch (autocast, AdamW, no DeepSpeed) "
+                            "with the reference loss")  # fmt: skip
         p.add_argument("--same-process", action="store_true",
                        help="run the configurations one after another in this process, not each in a fresh one "
                             "(quicker to start; peak memory is then this process's so far)")  # fmt: skip

@@ -5,14 +5,15 @@ is measured is the step that trains.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pipeline.loader import ThreeViewLoader
 from pipeline.reader import BetonDataset
 from pipeline.sampler import EpochSampler
+from pipeline.synthetic import SyntheticBatches
 from trainer.config import Config
 from trainer.dist import DistInfo, pick_device
 from trainer.engine import build_engine, deepspeed_config, init_distributed, parallelize
@@ -91,8 +92,12 @@ def build_step(cfg: Config, dist: DistInfo, device: str) -> StepParts:
 
 def build_loader(
     cfg: Config, dataset: BetonDataset, sampler: EpochSampler, dist: DistInfo, device: str, start: int = 0, state: dict | None = None
-) -> ThreeViewLoader:
-    """DALI's batches in the batch contract, from global step `start`, on DALI's output device."""
+) -> Any:
+    """DALI's batches in the batch contract (a ThreeViewLoader), from global step `start`, on DALI's output device."""
+    # DALI is imported here: a node with the offline bundle's first tier only has none, and
+    # trains and profiles on the synthetic loader.
+    from pipeline.loader import ThreeViewLoader
+
     objective = get_objective(cfg.model.objective)
     return ThreeViewLoader(
         dataset,
@@ -111,32 +116,51 @@ def build_loader(
     )
 
 
+def synthetic_loader(cfg: Config, dist: DistInfo, start: int = 0) -> SyntheticBatches:
+    """Random batches in the batch contract on the training device: the step without its data."""
+    objective, m = get_objective(cfg.model.objective), cfg.model
+    return SyntheticBatches(
+        objective.views, batch_size=cfg.data.batch_size // dist.world, image_size=cfg.augment.image_size, text=objective.text,
+        context_length=m.context_length, vocab_size=m.vocab_size, device=dist.device, seed=cfg.run.seed, start_step=start, rank=dist.rank,
+    )  # fmt: skip
+
+
 @dataclass
 class Built:
-    """A run's data and step, before any batch is read: what training and the profiler share."""
+    """A run's data and step, before any batch is read: what training and the profiler share.
+    With the synthetic loader there is no dataset and no sampler."""
 
     cfg: Config
-    dataset: BetonDataset
+    dataset: BetonDataset | None
     device: str  # "cpu" or "cuda": where the model trains
     parts: StepParts
-    sampler: EpochSampler
+    sampler: EpochSampler | None
 
     @property
     def dist(self) -> DistInfo:
         return self.parts.dist
 
-    def loader(self, start: int = 0, state: dict | None = None) -> ThreeViewLoader:
+    @property
+    def steps_per_epoch(self) -> int:
+        # Synthetic data has no epochs: the whole run (schedule.steps) counts as one.
+        return self.sampler.steps_per_epoch if self.sampler is not None else max(1, self.cfg.schedule.steps)
+
+    def loader(self, start: int = 0, state: dict | None = None) -> Any:
+        if self.dataset is None or self.sampler is None:
+            return synthetic_loader(self.cfg, self.dist, start)
         return build_loader(self.cfg, self.dataset, self.sampler, self.dist, self.device, start, state)
 
 
-def build(cfg: Config) -> Built:
-    """The dataset, the process group and the step of `cfg`. What can be wrong with the config or
-    the data fails first, on every rank and before any process group exists."""
-    dataset = BetonDataset(cfg.data.train)
+def build(cfg: Config, make_step: Callable[[Config, DistInfo, str], StepParts] = build_step) -> Built:
+    """The dataset, the process group and the step of `cfg` (by `make_step`: a profiler's baseline
+    may build another). What can be wrong with the config or the data fails first, on every rank
+    and before any process group exists."""
+    synthetic = cfg.data.loader == "synthetic"
+    dataset = None if synthetic else BetonDataset(cfg.data.train)
     device = pick_device(cfg.engine.device)
     if cfg.data.loader == "dali":
         loader_device(cfg, device)
     dist = init_distributed(device)
-    parts = build_step(cfg, dist, device)
-    sampler = EpochSampler(len(dataset), cfg.data.batch_size, seed=cfg.run.seed, rank=dist.rank, world=dist.world)
+    parts = make_step(cfg, dist, device)
+    sampler = None if dataset is None else EpochSampler(len(dataset), cfg.data.batch_size, seed=cfg.run.seed, rank=dist.rank, world=dist.world)
     return Built(cfg, dataset, device, parts, sampler)

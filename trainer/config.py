@@ -16,28 +16,18 @@ import yaml
 
 from kernels.contrastive import BACKENDS
 from pipeline.atomic import write_text_atomic
-from pipeline.augment import AugmentConfig
+from pipeline.augment_config import AugmentConfig
 from trainer.models import SIZES
 from trainer.objectives import OBJECTIVES
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A bad recipe or override; the message is one line naming the key or file."""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+from trainer.recipe import ConfigError, check, coerce, parse_override, read_yaml, resolve_recipe
 
 
 def _require(cond: bool, msg: str) -> None:
     """A value check inside a section's __post_init__: same error, same prefix."""
-    _check(cond, f"config: {msg}")
+    check(cond, f"config: {msg}")
 
 
-LOADERS = ("dali", "pil")
+LOADERS = ("dali", "pil", "synthetic")
 
 
 @dataclass
@@ -48,7 +38,10 @@ class DataConfig:
     threads: int = 2  # DALI CPU threads per rank
     prefetch: int = 2  # batches DALI prepares ahead
     source_workers: int = 0  # processes reading JPEG bytes ahead for DALI (parallel external source); 0: in the trainer
-    loader: str = "dali"  # dali | pil (the SLIP reference's PIL + torchvision DataLoader: `slip profile step` only)
+    # dali | pil (the SLIP reference's PIL + torchvision DataLoader) | synthetic (random tensors on the device,
+    # no files): pil and synthetic are for `slip profile step`; `slip train` refuses them
+    loader: str = "dali"
+    allow_synthetic: bool = False  # let `slip train` run on data.loader=synthetic: a smoke test of a node, nothing is learned
     device: str = "auto"  # where DALI decodes and augments: auto (the GPU when training on one) | cpu | gpu
 
     def __post_init__(self) -> None:
@@ -210,76 +203,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check one value against its annotation; ints widen to float, lists become tuples."""
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        _check(isinstance(value, (list, tuple)), f"config: {key} must be a list, got {value!r}")
-        item_types = args[:-1] * len(value) if args[-1:] == (Ellipsis,) else args
-        _check(len(value) == len(item_types), f"config: {key} must have {len(item_types)} items, got {len(value)}")
-        return tuple(_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types)))
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok, f"config: {key} must be a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        _check(ok, f"config: {key} must be an integer, got {value!r}")
-        return value
-    if hint is bool:
-        _check(isinstance(value, bool), f"config: {key} must be true or false, got {value!r}")
-        return value
-    if hint is str:
-        _check(isinstance(value, str), f"config: {key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"config: no rule for the type of {key}: {hint}")
-
-
 def _section_types() -> dict[str, type]:
     return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 
 
-def resolve_recipe(recipe: str) -> Path:
-    """A recipe is a YAML path, or the name of one in configs/ ('tiny_cpu')."""
-    path = Path(recipe)
-    if path.suffix in (".yaml", ".yml"):
-        _check(path.is_file(), f"config: {path}: no such file")
-        return path
-    named = CONFIG_DIR / f"{recipe}.yaml"
-    if not named.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"config: unknown recipe '{recipe}'; known: {', '.join(known)}")
-    return named
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config: {path}:{where} is not valid YAML") from None
-    raw = {} if raw is None else raw
-    _check(isinstance(raw, dict), f"config: {path} must be a mapping of sections")
-    return raw
-
-
-def _parse_override(text: str) -> tuple[str, str, Any]:
-    _check("=" in text, f"config: override '{text}' must look like section.key=value")
-    dotted, value = text.split("=", 1)
-    parts = dotted.strip().split(".")
-    _check(len(parts) == 2 and all(parts), f"config: override '{text}' must look like section.key=value")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"config: override {dotted}: cannot parse value {value!r}") from None
-    return parts[0], parts[1], parsed
-
-
 def require_train_data(cfg: Config, hint: str = "") -> None:
-    """A command that reads data.train refuses an empty one in one line; `hint` adds the command's own way to set it."""
-    _check(bool(cfg.data.train), f"config: data.train is empty; set it to a directory written by `slip convert`{hint}")
+    """A command that reads data.train refuses an empty one in one line (the synthetic loader reads
+    nothing); `hint` adds the command's own way to set it."""
+    check(bool(cfg.data.train) or cfg.data.loader == "synthetic", f"config: data.train is empty; set it to a directory written by `slip convert`{hint}")
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -289,20 +220,20 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
     if recipe is not None:
         path = resolve_recipe(recipe)
         source = str(path)
-        for section, values in _read_yaml(path).items():
-            _check(isinstance(values, dict) or values is None, f"config: {path}: section '{section}' must be a mapping")
+        for section, values in read_yaml(path).items():
+            check(isinstance(values, dict) or values is None, f"config: {path}: section '{section}' must be a mapping")
             merged[section] = dict(values or {})
     for text in overrides:
-        section, key, value = _parse_override(text)
+        section, key, value = parse_override(text)
         merged.setdefault(section, {})[key] = value
     return _build(merged, source)
 
 
 def config_from_dict(values: dict[str, Any], source: str = "a saved config") -> Config:
     """A Config from `Config.to_dict()` output (a run's config.yaml, an export's metadata), checked as a recipe is."""
-    _check(isinstance(values, dict), f"config: {source} must be a mapping of sections")
+    check(isinstance(values, dict), f"config: {source} must be a mapping of sections")
     for section, keys in values.items():
-        _check(isinstance(keys, dict), f"config: {source}: section '{section}' must be a mapping")
+        check(isinstance(keys, dict), f"config: {source}: section '{section}' must be a mapping")
     merged = {section: dict(keys) for section, keys in values.items()}
     # A saved config (run directory, checkpoint, exported weights) may name the zero-shot data
     # `data.zeroshot`, which an empty `eval.zeroshot` stood for; it is that key now.
@@ -316,14 +247,14 @@ def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
     sections = _section_types()
     built: dict[str, Any] = {}
     for section, values in merged.items():
-        _check(section in sections, f"config: unknown section '{section}' (in {source}); known: {', '.join(sections)}")
+        check(section in sections, f"config: unknown section '{section}' (in {source}); known: {', '.join(sections)}")
         cls = sections[section]
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in values.items():
             full = f"{section}.{key}"
-            _check(key in hints, f"config: unknown key '{full}' (in {source})")
-            kwargs[key] = _coerce(full, value, hints[key])
+            check(key in hints, f"config: unknown key '{full}' (in {source})")
+            kwargs[key] = coerce(full, value, hints[key])
         try:
             built[section] = cls(**kwargs)
         except ConfigError:
@@ -334,7 +265,7 @@ def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
     _check_registered_names(cfg)
     # ZeRO partitions flattened parameter groups, so LAMB's per-layer trust ratio would be
     # taken per partition; DeepSpeed does not support the pair.
-    _check(cfg.optim.name != "lamb" or cfg.engine.zero_stage == 0, "config: optim.name lamb needs engine.zero_stage 0 (ZeRO would split LAMB's per-layer trust ratio)")
+    check(cfg.optim.name != "lamb" or cfg.engine.zero_stage == 0, "config: optim.name lamb needs engine.zero_stage 0 (ZeRO would split LAMB's per-layer trust ratio)")
     return cfg
 
 
@@ -345,4 +276,4 @@ def _check_registered_names(cfg: Config) -> None:
         ("model.objective", cfg.model.objective, OBJECTIVES),
         ("loss.backend", cfg.loss.backend, BACKENDS),
     ):
-        _check(value in known, f"config: {key} '{value}' is not one of: {', '.join(known)}")
+        check(value in known, f"config: {key} '{value}' is not one of: {', '.join(known)}")

@@ -117,8 +117,11 @@ def _check_trainable(cfg: Config) -> None:
             import wandb  # noqa: F401
         except ImportError:
             raise ValueError("config: run.wandb is true but wandb is not installed (pip install wandb)") from None
-    if cfg.data.loader != "dali":
+    if cfg.data.loader == "pil":
         raise ValueError("config: data.loader=pil (the SLIP reference's PIL pipeline) is for `slip profile step` comparisons; train with data.loader=dali")
+    if cfg.data.loader == "synthetic" and not cfg.data.allow_synthetic:
+        raise ValueError("config: data.loader=synthetic trains on random tensors and learns nothing (it is for `slip profile step`); "
+                         "set data.allow_synthetic=true to run it anyway, as a smoke test of a node")  # fmt: skip
 
 
 def train(cfg: Config, *, progress: bool = True) -> TrainResult:
@@ -155,7 +158,7 @@ class _Run:
         self.start = resumed.step if resumed else 0
         self.counters = {"nonfinite_skipped": 0, "nonfinite_in_a_row": 0, **(resumed.meta.get("counters", {}) if resumed else {})}
         rank_state = resumed.rank_state if resumed else None
-        self.plan: StepPlan = plan_steps(cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.steps, built.sampler.steps_per_epoch)
+        self.plan: StepPlan = plan_steps(cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.steps, built.steps_per_epoch)
         self.periodic = PeriodicEval(cfg, self.plan.steps_per_epoch, self.plan.total, self.dist.is_main)
         # Last: from here on `run` owns the loader's threads and closes them however it ends.
         self.loader = built.loader(self.start, rank_state["loader"] if rank_state is not None else None)
@@ -168,7 +171,7 @@ class _Run:
         # Everything is built: only now does the run directory get its files.
         if dist.is_main:
             cfg.dump(cfg.run_dir / "config.yaml")
-            write_provenance(cfg.run_dir / "provenance.json", self.built.dataset.manifest)
+            write_provenance(cfg.run_dir / "provenance.json", self.built.dataset.manifest if self.built.dataset else {"source": "synthetic"})
         self.logger = RunLogger(
             cfg.run_dir, enabled=dist.is_main, start_step=self.start, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
             wandb_project=cfg.run.wandb_project, config=cfg.to_dict(),

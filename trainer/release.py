@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 
 from trainer.build import model_from_config
-from trainer.config import CONFIG_DIR, Config, load_config
+from trainer.config import Config, load_config
 from trainer.models import SIZES, ModelParts, SlipModel
 from trainer.objectives import OBJECTIVES
+from trainer.recipe import CONFIG_DIR
 from trainer.weights import check_fits
 
 DDP_PREFIX = "module."

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.augment import AugmentConfig
+from pipeline.augment_config import AugmentConfig
 from pipeline.loader import ThreeViewLoader
 from pipeline.reader import BetonDataset
 from pipeline.sampler import EpochSampler

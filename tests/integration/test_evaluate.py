@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline import demo_dataset as shapes
-from pipeline.augment import AugmentConfig
+from pipeline.augment_config import AugmentConfig
 from pipeline.eval_view import iter_beton, iter_folder
 from pipeline.reader import BetonDataset
 from pipeline.text import tokenize

@@ -272,3 +272,19 @@ def test_lamb_trains_through_the_engine(beton: Path, tmp_path: Path) -> None:
     assert records[2]["logit_scale"] != records[0]["logit_scale"]  # it updated the weights
     meta = json.loads((result.run_dir / "checkpoints" / "step-00000003" / "meta.json").read_text())
     assert meta["config"]["optim"]["name"] == "lamb"
+
+
+def test_the_synthetic_loader_trains_only_when_asked_to(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from slip.main import main
+
+    base = ["train", "--config", "tiny_cpu", "data.loader=synthetic", f"run.out={tmp_path}", "run.name=s", "schedule.steps=2",
+            "data.batch_size=8", "run.log_every=1", "run.tensorboard=false"]  # fmt: skip
+    capsys.readouterr()
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.loader=synthetic trains on random tensors" in err and "data.allow_synthetic=true" in err and "\n" not in err
+    assert not (tmp_path / "s").exists()
+    assert main([*base, "data.allow_synthetic=true"]) == 0  # no data.train: nothing is read
+    records = _records(tmp_path / "s")
+    assert [r["step"] for r in records] == [0, 1] and all(r["loss"] > 0 for r in records)
+    assert json.loads((tmp_path / "s" / "provenance.json").read_text())["data"]["source"] == "synthetic"

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from pipeline.augment import AugmentConfig, three_view_pipeline
+from pipeline.augment import three_view_pipeline
+from pipeline.augment_config import AugmentConfig
 
 S = 64  # output side: small keeps a few thousand views fast
 BATCH = 128

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import AugmentConfig
+from pipeline.augment_config import AugmentConfig
 from pipeline.reader import BetonDataset
 from profiling.pil_pipeline import PILDataset, pil_loader
 from slip.main import main

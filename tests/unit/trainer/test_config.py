@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config import CONFIG_DIR, Config, ConfigError, load_config
+from trainer.config import Config, load_config
+from trainer.recipe import CONFIG_DIR, ConfigError
 
 PAPER_RECIPES = {
     # name: (size, objective, lr, weight decay)
