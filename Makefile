@@ -8,7 +8,7 @@ STAMP := $(VENV)/.slipstream-setup
 DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint bundle bundle-check gpu-check clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,22 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
+
+# The offline bundle for a bare CUDA node (Python 3.12): build/bundle/part-* + manifest.json + install.py.
+# Needs a Python 3.12 here (pyenv's, or PYTHON312=...), cmake and a compiler (FFCV's OpenCV, built once).
+bundle: setup
+	$(PY) tools/bundle.py
+
+# The bundle rehearsed: a Python 3.12 environment like the node's image, the bundle installed with
+# --no-index, then imports, `slip --help`, the loss kernels' tests and a training step (minutes).
+bundle-check: bundle
+	$(PY) tools/bundle_check.py
+
+# The GPU checks and measurements, each step's JSON in OUT (see tools/gpu_check.py). On a node
+# without this Makefile's venv: `python3 tools/gpu_check.py --out DIR` after sourcing the bundle's env.sh.
+OUT ?= gpu-check
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) tools/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf runs data .pytest_cache

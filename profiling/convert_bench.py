@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,29 @@ from pipeline.sources import folder
 from pipeline.text import tokenize
 
 
-def synthetic_images(out_dir: Path, n: int, *, seed: int = 0, sides: tuple[int, int] = (400, 640)) -> Path:
-    """n photo-like JPEGs (quality 90, sides in `sides`) with a caption each, in a folder layout."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
+def _write_images(out_dir: Path, indices: range, seed: int, sides: tuple[int, int]) -> None:
+    for i in indices:
+        rng = np.random.default_rng([seed, i])  # per image: the same files whatever the number of workers
         h, w = rng.integers(sides[0], sides[1] + 1, 2)
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         base = np.stack([np.sin(xx / rng.uniform(5, 60)), np.cos(yy / rng.uniform(5, 60)), np.sin((xx + yy) / 40)], -1)
         pixels = (127 + 80 * base + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)  # (h, w, 3)
         Image.fromarray(pixels).save(out_dir / f"{i:06d}.jpg", quality=90)
         (out_dir / f"{i:06d}.txt").write_text(f"a synthetic photo number {i}\n")
+
+
+def synthetic_images(out_dir: Path, n: int, *, seed: int = 0, sides: tuple[int, int] = (400, 640), workers: int = 1) -> Path:
+    """n photo-like JPEGs (quality 90, sides in `sides`) with a caption each, in a folder layout,
+    written by `workers` processes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chunk = max(1, -(-n // max(1, workers)))
+    jobs = [range(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+    if len(jobs) <= 1:
+        for job in jobs:
+            _write_images(out_dir, job, seed, sides)
+        return out_dir
+    with ProcessPoolExecutor(len(jobs)) as pool:
+        list(pool.map(_write_images, [out_dir] * len(jobs), jobs, [seed] * len(jobs), [sides] * len(jobs)))
     return out_dir
 
 

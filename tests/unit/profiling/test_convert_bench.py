@@ -16,6 +16,16 @@ def test_synthetic_images_are_photo_sized_jpegs_with_captions(tmp_path: Path) ->
             assert image.format == "JPEG" and 400 <= min(image.size) and max(image.size) <= 640
 
 
+def test_workers_write_the_same_images_as_one_process(tmp_path: Path) -> None:
+    one = synthetic_images(tmp_path / "one", 5, seed=4)
+    three = synthetic_images(tmp_path / "three", 5, seed=4, workers=3)
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in three.iterdir()) and len(names) == 10
+    assert all((one / n).read_bytes() == (three / n).read_bytes() for n in names)
+    other = synthetic_images(tmp_path / "other", 1, seed=5)
+    assert (other / "000000.jpg").read_bytes() != (one / "000000.jpg").read_bytes()
+
+
 def test_compare_runs_both_sides_on_the_same_images(tmp_path: Path, monkeypatch) -> None:
     import profiling.convert_bench as bench
 
