@@ -102,8 +102,9 @@ def stored(wheel: Path) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
         for info in src.infolist():
-            info.compress_type = zipfile.ZIP_STORED
-            dst.writestr(info, src.read(info.filename))
+            copy = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            copy.external_attr, copy.compress_type = info.external_attr, zipfile.ZIP_STORED
+            dst.writestr(copy, src.read(info))
     return out.getvalue()
 
 

@@ -109,7 +109,7 @@ def step_tests(out: Path, deadline: float) -> dict:
 
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        result.update({k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")})
+        result["counts"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
         result["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
     if not cuda():
         result["skipped"] = "no CUDA"

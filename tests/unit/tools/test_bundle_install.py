@@ -31,7 +31,7 @@ def _wheel(into: Path, name: str, version: str, code: str, requires: tuple[str, 
         record.append(f"{path},sha256={digest},{len(text.encode())}")
     files[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
     path = into / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as z:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:  # as real wheels are: tier 2 stores them uncompressed
         for p, text in files.items():
             z.writestr(p, text)
     return path
