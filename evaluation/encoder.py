@@ -4,6 +4,7 @@ progress bar, and eval mode for the evaluation's duration.
 An encoder is anything with `encode_image` (and, for zero-shot and retrieval, `encode_text`):
 a trained slipstream model, a released SLIP model loaded into one, or a wrapper around any
 image tower (`ImageTower`, what the linear probe reads). Evaluation never needs to know which.
+A class whose instances may lack a text tower (SimCLR's) says so with `has_text = False`.
 """
 from __future__ import annotations
 

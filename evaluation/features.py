@@ -13,7 +13,8 @@ from evaluation.encoder import Encoder, ImageEncoder, batch_bar, encoder_device,
 
 
 def require_text(encoder: object, what: str) -> None:
-    if not callable(getattr(encoder, "encode_text", None)):
+    """Before any decode: an encoder without `encode_text`, or one whose `has_text` is False, has no text tower."""
+    if not callable(getattr(encoder, "encode_text", None)) or not getattr(encoder, "has_text", True):
         raise ValueError(f"{what} needs a text tower; this model has none (SimCLR): use `slip eval linear`")
 
 

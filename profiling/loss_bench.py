@@ -44,29 +44,44 @@ def _measure(backend: str, batch: int, dim: int, device: str, dtype: str, repeat
         queue.put({"error": f"{type(err).__name__}: {err}"})
 
 
-def largest_fitting(fits: Callable[[int], bool], start: int, step: int = 1024, cap: int = 2**24) -> int:
-    """The largest multiple of `step` (up to `cap`) for which `fits`, assuming that whatever fits,
-    every smaller batch fits too: doubling from `start` until one does not fit, then bisection
-    between the last that did and the first that did not. 0 when not even `step` fits."""
-    first = max(step, start // step * step)
-    if fits(first):
-        lo, hi = first, 2 * first
-        while hi <= cap and fits(hi):
-            lo, hi = hi, 2 * hi
-        if hi > cap:
-            return lo
-    else:
-        lo, hi = 0, first
+def bisect_fitting(fits: Callable[[int], bool], lo: int, hi: int, step: int = 1024) -> int:
+    """The largest multiple of `step` in [lo, hi) that fits, given that `lo` does (0: nothing) and `hi` does not."""
     while hi - lo > step:
         mid = (lo + hi) // 2 // step * step
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
+def largest_fitting(fits: Callable[[int], bool], start: int, step: int = 1024, cap: int = 2**24) -> int:
+    """The largest multiple of `step` (up to `cap`) for which `fits`, assuming that whatever fits,
+    every smaller batch fits too: doubling from `start` until one does not fit, then bisection
+    between the last that did and the first that did not. 0 when not even `step` fits."""
+    first = max(step, start // step * step)
+    if not fits(first):
+        return bisect_fitting(fits, 0, first, step)
+    lo, hi = first, 2 * first
+    while hi <= cap and fits(hi):
+        lo, hi = hi, 2 * hi
+    return lo if hi > cap else bisect_fitting(fits, lo, hi, step)
+
+
+def linear_guess(small: tuple[int, int], large: tuple[int, int], budget: int, step: int = 1024) -> int:
+    """Where the line through two (batch, peak bytes) probes meets `budget`, rounded down to `step`:
+    the tiled backends' memory grows linearly with the batch (the reference's does not; a
+    check of the guess catches that)."""
+    (b1, p1), (b2, p2) = small, large
+    slope = (p2 - p1) / (b2 - b1)
+    if slope <= 0:
+        return b2
+    return max(b2, int((budget - (p2 - slope * b2)) / slope) // step * step)
+
+
 def _fit(backend: str, dim: int, device: str, dtype: str, budget: int, start: int, queue) -> None:
     """The largest batch (a multiple of 1024) whose forward + backward keeps the CUDA allocator's
-    peak, embeddings and gradients included, within `budget` bytes: doubling from `start` until
-    one does not fit, then bisection. The process may not allocate beyond the budget at all."""
+    peak, embeddings and gradients included, within `budget` bytes; the process may not allocate
+    beyond it at all. Probes at `start` and twice it give a line (`linear_guess`), the guess is
+    checked, and a guess that does not fit is bisected down: three probes where memory is linear,
+    each a full forward + backward, which at a million rows is seconds even when fast."""
     try:
         dev = torch.device(device)
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(dev).total_memory), dev)
@@ -87,7 +102,12 @@ def _fit(backend: str, dim: int, device: str, dtype: str, budget: int, start: in
             probes.append((b, ok, peak_bytes(dev)))
             return ok
 
-        lo = largest_fitting(fits, start)
+        first = max(1024, start // 1024 * 1024)
+        if fits(first) and fits(2 * first) and probes[1][2] > probes[0][2]:
+            guess = linear_guess(probes[0][::2], probes[1][::2], budget)
+            lo = guess if guess == 2 * first or fits(guess) else bisect_fitting(fits, 2 * first, guess)
+        else:
+            lo = largest_fitting(fits, first)
         queue.put({"largest_batch": lo, "budget_bytes": budget, "probes": probes})
     except Exception as err:  # reported by the parent as this backend's failure
         queue.put({"error": f"{type(err).__name__}: {err}"})

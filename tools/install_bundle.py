@@ -72,26 +72,21 @@ def unpack(archive: Path, into: Path) -> None:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def _satisfied(name: str, specifiers: list[str]) -> bool | None:
-    """Whether this Python's own `name` satisfies every specifier; None when it has none."""
+def _have(name: str) -> str | None:
     try:
-        have = importlib.metadata.version(name)
+        return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
-    try:
-        from packaging.specifiers import SpecifierSet
-    except ImportError:
-        return True  # no way to compare versions: trust the image's own
-    return all(have in SpecifierSet(s, prereleases=True) for s in specifiers if s)
 
 
-def _asks(wheels: list[dict], name: str) -> list[str]:
-    """What the bundle's packages ask of `name` (specifiers only; markers and extras are read by pip, not here)."""
+def _asks(wheels: list[dict], name: str) -> list[str] | None:
+    """What `wheels` ask of `name`: specifier strings ("" for any version); None without `packaging`
+    to read them. Markers are evaluated for this Python; extras are pip's business, not this."""
     try:
         from packaging.requirements import Requirement
         from packaging.utils import canonicalize_name
     except ImportError:
-        return []
+        return None
     asks = []
     for w in wheels:
         for text in w["requires"]:
@@ -101,17 +96,34 @@ def _asks(wheels: list[dict], name: str) -> list[str]:
     return asks
 
 
-def choose(wheels: list[dict], tier: str) -> tuple[list[dict], list[str]]:
-    """The tier's wheels to install, and a line per dependency the image already satisfies."""
-    chosen, kept = [], []
-    for w in (w for w in wheels if str(w["tier"]) == tier):
-        if w["role"] == "dependency":
-            ok = _satisfied(w["name"], _asks(wheels, w["name"]))
-            if ok:
-                kept.append(f"{w['name']} {importlib.metadata.version(w['name'])} (the image's)")
-                continue
-        chosen.append(w)
-    return chosen, kept
+def _needed(name: str, asks: list[str] | None) -> bool:
+    """Whether a dependency must come from the bundle: asked for, and the image has no version that does."""
+    have = _have(name)
+    if asks is None:  # no `packaging` here: versions cannot be compared, presence can
+        return have is None
+    if not asks:
+        return False
+    if have is None:
+        return True
+    from packaging.specifiers import SpecifierSet
+
+    return not all(have in SpecifierSet(s, prereleases=True) for s in asks)
+
+
+def plan(wheels: list[dict]) -> tuple[set[str], list[str]]:
+    """The files to install: every core wheel, and each dependency that what is installed asks for
+    and the image cannot give, until nothing changes (a kept package's own pins ask for nothing).
+    Also a line per dependency the image's own version serves."""
+    install = {w["file"] for w in wheels if w["role"] == "core"}
+    changed = True
+    while changed:
+        changed = False
+        for w in wheels:
+            if w["file"] not in install and _needed(w["name"], _asks([x for x in wheels if x["file"] in install], w["name"])):
+                install.add(w["file"])
+                changed = True
+    kept = [f"{w['name']} {_have(w['name'])} (the image's)" for w in wheels if w["file"] not in install and _have(w["name"])]
+    return install, kept
 
 
 def check_imports(manifest: dict, target: Path, tiers: list[str]) -> None:
@@ -144,24 +156,15 @@ def main() -> int:
         fail("tier 2 (DALI) goes on top of tier 1: install tier 1 first, or both")
     target = Path(args.target).resolve()
     staging = target / ".staging"
-    for tier in tiers:
-        if tier not in manifest["tiers"]:
-            fail(f"no tier {tier} in this bundle (tiers: {', '.join(manifest['tiers'])})")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        wheels_dir = staging / "wheels"
-        unpack(join_tier(manifest, tier, staging), wheels_dir)
-        chosen, kept = choose(manifest["wheels"], tier)
-        for line in kept:
-            print(f"tier {tier}: keeping {line}")
-        folder = target / f"tier-{tier}"
-        shutil.rmtree(folder, ignore_errors=True)
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(folder),
-               *(str(wheels_dir / w["file"]) for w in chosen)]  # fmt: skip
-        if subprocess.run(cmd).returncode != 0:
-            fail(f"pip could not install tier {tier} into {folder}")
-        print(f"tier {tier}: installed {', '.join(w['name'] + ' ' + w['version'] for w in chosen)}")
+    unknown = [t for t in tiers if t not in manifest["tiers"]]
+    if unknown:
+        fail(f"no tier {unknown[0]} in this bundle (tiers: {', '.join(manifest['tiers'])})")
     shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        install_tiers(manifest, tiers, target, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     installed = sorted(p.name.split("-")[1] for p in target.glob("tier-*"))
     env_sh = target / "env.sh"
     paths = ":".join(str(target / f"tier-{t}") for t in sorted(installed, reverse=True))
@@ -169,6 +172,25 @@ def main() -> int:
     check_imports(manifest, target, installed)
     print(f"done: source {env_sh}")
     return 0
+
+
+def install_tiers(manifest: dict, tiers: list[str], target: Path, staging: Path) -> None:
+    archives = {tier: join_tier(manifest, tier, staging) for tier in tiers}  # every part checked before anything is installed
+    install, kept = plan(manifest["wheels"])
+    for line in kept:
+        print(f"keeping {line}")
+    for tier in tiers:
+        wheels_dir = staging / f"wheels-{tier}"
+        unpack(archives[tier], wheels_dir)
+        chosen = [w for w in manifest["wheels"] if str(w["tier"]) == tier and w["file"] in install]
+        folder = target / f"tier-{tier}"
+        shutil.rmtree(folder, ignore_errors=True)
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(folder),
+               *(str(wheels_dir / w["file"]) for w in chosen)]  # fmt: skip
+        if subprocess.run(cmd).returncode != 0:
+            shutil.rmtree(folder, ignore_errors=True)  # no half-installed tier that env.sh would name
+            fail(f"pip could not install tier {tier} into {folder}")
+        print(f"tier {tier}: installed {', '.join(w['name'] + ' ' + w['version'] for w in chosen)}")
 
 
 if __name__ == "__main__":

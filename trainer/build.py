@@ -121,7 +121,8 @@ def synthetic_loader(cfg: Config, dist: DistInfo, start: int = 0) -> SyntheticBa
     objective, m = get_objective(cfg.model.objective), cfg.model
     return SyntheticBatches(
         objective.views, batch_size=cfg.data.batch_size // dist.world, image_size=cfg.augment.image_size, text=objective.text,
-        context_length=m.context_length, vocab_size=m.vocab_size, device=dist.device, seed=cfg.run.seed, start_step=start, rank=dist.rank,
+        context_length=m.context_length, vocab_size=m.vocab_size, device=dist.device, seed=cfg.run.seed * 1000 + dist.rank, start_step=start,
+        rank=dist.rank,
     )  # fmt: skip
 
 
@@ -142,8 +143,12 @@ class Built:
 
     @property
     def steps_per_epoch(self) -> int:
-        # Synthetic data has no epochs: the whole run (schedule.steps) counts as one.
-        return self.sampler.steps_per_epoch if self.sampler is not None else max(1, self.cfg.schedule.steps)
+        if self.sampler is not None:
+            return self.sampler.steps_per_epoch
+        # Synthetic data has no epochs: schedule.steps spread over schedule.epochs, so the warm-up
+        # keeps its share of the run.
+        s = self.cfg.schedule
+        return max(1, round(s.steps / s.epochs)) if s.steps else 1
 
     def loader(self, start: int = 0, state: dict | None = None) -> Any:
         if self.dataset is None or self.sampler is None:
@@ -162,5 +167,9 @@ def build(cfg: Config, make_step: Callable[[Config, DistInfo, str], StepParts] =
         loader_device(cfg, device)
     dist = init_distributed(device)
     parts = make_step(cfg, dist, device)
-    sampler = None if dataset is None else EpochSampler(len(dataset), cfg.data.batch_size, seed=cfg.run.seed, rank=dist.rank, world=dist.world)
+    try:
+        sampler = None if dataset is None else EpochSampler(len(dataset), cfg.data.batch_size, seed=cfg.run.seed, rank=dist.rank, world=dist.world)
+    except BaseException:
+        parts.close()  # the engine's buffers go with the error, not with the process
+        raise
     return Built(cfg, dataset, device, parts, sampler)

@@ -172,8 +172,8 @@ def check_resumable(cfg: Config, world: int, meta: dict[str, Any], where: Path) 
     """A resume under a different model, batch or optimizer-state layout would not be the same
     run (or would fail deep inside DeepSpeed): say so in one line, before loading anything."""
     saved, now = meta.get("config", {}), cfg.to_dict()
-    # data.device: the DALI graph (and its saved random state) differs between CPU and GPU decoding.
-    for section, key in (("model", None), ("data", "batch_size"), ("data", "device"), ("engine", "zero_stage"), ("optim", "name")):
+    # data.device and data.loader: each loader (and DALI's CPU and GPU graphs) saves a state of its own.
+    for section, key in (("model", None), ("data", "batch_size"), ("data", "device"), ("data", "loader"), ("engine", "zero_stage"), ("optim", "name")):
         # A key the checkpoint predates had its default then.
         a = saved.get(section, {}) if key is None else saved.get(section, {}).get(key, Config().to_dict()[section][key])
         b = now[section] if key is None else now[section][key]

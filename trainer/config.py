@@ -234,16 +234,16 @@ def config_from_dict(values: dict[str, Any], source: str = "a saved config") -> 
     check(isinstance(values, dict), f"config: {source} must be a mapping of sections")
     for section, keys in values.items():
         check(isinstance(keys, dict), f"config: {source}: section '{section}' must be a mapping")
-    merged = {section: dict(keys) for section, keys in values.items()}
-    # A saved config (run directory, checkpoint, exported weights) may name the zero-shot data
-    # `data.zeroshot`, which an empty `eval.zeroshot` stood for; it is that key now.
-    if merged.get("data", {}).get("zeroshot"):
-        merged.setdefault("eval", {})["zeroshot"] = merged["eval"].get("zeroshot") or merged["data"]["zeroshot"]
-    merged.get("data", {}).pop("zeroshot", None)
-    return _build(merged, source)
+    return _build({section: dict(keys) for section, keys in values.items()}, source)
 
 
 def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
+    # A config written before (a run's config.yaml, a checkpoint, exported weights, a recipe made
+    # from one) may name the zero-shot data `data.zeroshot`, which an empty `eval.zeroshot` stood for.
+    if "zeroshot" in merged.get("data", {}):
+        old = merged["data"].pop("zeroshot")
+        if old:
+            merged.setdefault("eval", {})["zeroshot"] = merged["eval"].get("zeroshot") or old
     sections = _section_types()
     built: dict[str, Any] = {}
     for section, values in merged.items():

@@ -168,18 +168,19 @@ class _Run:
 
     def run(self, progress: bool) -> TrainResult:
         cfg, dist = self.cfg, self.dist
-        # Everything is built: only now does the run directory get its files.
-        if dist.is_main:
-            cfg.dump(cfg.run_dir / "config.yaml")
-            write_provenance(cfg.run_dir / "provenance.json", self.built.dataset.manifest if self.built.dataset else {"source": "synthetic"})
-        self.logger = RunLogger(
-            cfg.run_dir, enabled=dist.is_main, start_step=self.start, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
-            wandb_project=cfg.run.wandb_project, config=cfg.to_dict(),
-        )  # fmt: skip
-        quiet = not progress or not dist.is_main or os.environ.get("CI") == "true"
-        bar = tqdm(total=self.plan.total, initial=self.start, desc=f"train {cfg.model.objective}-{cfg.model.size}", unit="step", disable=quiet)
         step, stopped_by_signal = self.start, False
+        self.logger, bar = None, None
         try:
+            # Everything is built: only now does the run directory get its files.
+            if dist.is_main:
+                cfg.dump(cfg.run_dir / "config.yaml")
+                write_provenance(cfg.run_dir / "provenance.json", self.built.dataset.manifest if self.built.dataset else {"source": "synthetic"})
+            self.logger = RunLogger(
+                cfg.run_dir, enabled=dist.is_main, start_step=self.start, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
+                wandb_project=cfg.run.wandb_project, config=cfg.to_dict(),
+            )  # fmt: skip
+            quiet = not progress or not dist.is_main or os.environ.get("CI") == "true"
+            bar = tqdm(total=self.plan.total, initial=self.start, desc=f"train {cfg.model.objective}-{cfg.model.size}", unit="step", disable=quiet)
             with _StopRequests() as stop:
                 while step < self.plan.total and not stopped_by_signal:
                     stopped_by_signal = self._step(step, stop.requested)
@@ -189,8 +190,10 @@ class _Run:
                         bar.set_postfix(loss=f"{self.last['loss']:.3f}", samples_s=f"{self.samples_per_s:.0f}")
                     self._checkpoint(step, stopped_by_signal)
         finally:
-            bar.close()
-            self.logger.close()
+            if bar is not None:
+                bar.close()
+            if self.logger is not None:
+                self.logger.close()
             self.loader.close()  # DALI's threads and source workers, even when the run stops by exception
         return TrainResult(self.parts.engine.module, step, self.last, cfg.run_dir, dist, resumed_from=self.start, stopped_by_signal=stopped_by_signal)
 

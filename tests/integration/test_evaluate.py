@@ -87,6 +87,12 @@ def test_zeroshot_is_perfect_for_matched_features_and_near_chance_for_shuffled(r
 
     with pytest.raises(ValueError, match="needs a text tower"):
         eval_zeroshot(ImageOnly(), AUG, raw / "zeroshot", classnames=names, templates=templates)
+    from trainer.build import model_from_config
+    from trainer.config import load_config
+
+    simclr = model_from_config(load_config("tiny_cpu", ["model.objective=simclr"]))
+    with pytest.raises(ValueError, match="zero-shot classification needs a text tower"):  # before the missing class names
+        eval_zeroshot(simclr, AUG, raw / "zeroshot", templates=templates)
 
 
 def test_retrieval_is_perfect_for_matched_features_and_chance_for_shuffled(raw: Path, tmp_path: Path) -> None:

@@ -211,6 +211,8 @@ def test_a_finished_run_is_not_trained_again_and_a_changed_model_is_refused(beto
     assert again.resumed_from == 2 and again.steps == 2
     with pytest.raises(ValueError, match="model differs from the checkpoint"):
         _train(_cfg(beton, tmp_path, "done", 2, "model.embed_dim=64"))
+    with pytest.raises(ValueError, match="data.loader differs from the checkpoint"):  # its saved state is DALI's
+        _train(_cfg(beton, tmp_path, "done", 4, "data.loader=synthetic", "data.allow_synthetic=true"))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         _train(_cfg(beton, tmp_path, "done", 2, "run.resume=false"))
 

@@ -69,6 +69,11 @@ class SlipModel(nn.Module):
         if parts.ssl:
             self.image_mlp = ssl_head(vision_width, ssl_mlp_dim, ssl_emb_dim)
 
+    @property
+    def has_text(self) -> bool:
+        """Whether there is a text tower: evaluation asks before it decodes anything."""
+        return self.parts.text
+
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.visual(image) @ self.image_projection  # (b, embed_dim)
 

@@ -44,7 +44,9 @@ def made(tmp_path: Path) -> Path:
     specs = [  # (name, tier, role, requires, code)
         ("slipfake_core", 1, "core", ("slipfake_dep>=1", "PyYAML>=5"), "import slipfake_dep\nVALUE = slipfake_dep.VALUE + 1\n"),
         ("slipfake_dep", 1, "dependency", (), "VALUE = 41\n" + "# padding\n" * 200),
-        ("PyYAML", 1, "dependency", (), "raise ImportError('the image has its own')\n"),  # satisfied here: must not be installed
+        # The image's own serves here, so it is not installed, and neither is what only it asks for.
+        ("PyYAML", 1, "dependency", ("slipfake_pin==9",), "raise ImportError('the image has its own')\n"),
+        ("slipfake_pin", 1, "dependency", (), "raise ImportError('asked for by nothing installed')\n"),
         ("slipfake_two", 2, "core", ("slipfake_core",), "import slipfake_core\n"),
     ]
     entries = []
@@ -70,6 +72,7 @@ def test_the_parts_install_each_tier_and_keep_what_the_image_has(made: Path, tmp
     assert proc.returncode == 0, proc.stderr
     assert (target / "tier-1" / "slipfake_core.py").is_file() and (target / "tier-1" / "slipfake_dep.py").is_file()
     assert not (target / "tier-1" / "PyYAML.py").exists() and "keeping PyYAML" in proc.stdout
+    assert not (target / "tier-1" / "slipfake_pin.py").exists()
     assert (target / "tier-2" / "slipfake_two.py").is_file()
     assert "import slipfake_two ok" in proc.stdout
     env_sh = (target / "env.sh").read_text()

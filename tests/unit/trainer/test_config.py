@@ -140,3 +140,16 @@ def test_yaml_is_parsed_safely(tmp_path: Path) -> None:
 def test_names_and_values_checked_before_anything_runs(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
         load_config("tiny_cpu", [override])
+
+
+def test_a_config_written_with_data_zeroshot_still_loads(tmp_path: Path) -> None:
+    """Runs configured before zero-shot data had one key wrote `data.zeroshot` into config.yaml."""
+    from trainer.config import config_from_dict
+
+    saved = Config().to_dict()
+    saved["data"]["zeroshot"] = "/data/zs"
+    assert config_from_dict(saved).eval.zeroshot == "/data/zs"
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("data:\n  zeroshot: /data/zs\neval:\n  zeroshot: /data/other\n")
+    assert load_config(str(recipe)).eval.zeroshot == "/data/other"  # the newer key wins where both are set
+    assert load_config(str(recipe), ["eval.zeroshot="]).eval.zeroshot == "/data/zs"
