@@ -10,7 +10,6 @@ the work folder, so a second `make bundle` reuses it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,9 @@ import tarfile
 import urllib.request
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from install_bundle import sha256 as sha256_file  # noqa: E402  (the node's install script: stdlib only)
 
 OPENCV = ("opencv-python-headless", "4.10.0.84")  # its sdist carries OpenCV's own sources
 FFCV = "1.0.2"
@@ -51,14 +53,6 @@ def fetch_sdist(name: str, version: str, into: Path) -> Path:
             raise SystemExit(f"bundle: {entry['filename']}: sha256 differs from the index's")
         tmp.replace(path)
     return path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def static_opencv(work: Path) -> Path:
@@ -109,7 +103,8 @@ def ffcv_wheel(work: Path, python312: str, out: Path) -> Path:
     shutil.rmtree(raw, ignore_errors=True)
     tools = _build_tools(work, python312)
     env = {**os.environ, "PKG_CONFIG_PATH": f"{prefix / 'lib' / 'pkgconfig'}:{os.environ.get('PKG_CONFIG_PATH', '')}"}
-    run([python312, "-m", "pip", "wheel", "--no-deps", "--no-binary", "ffcv", "-w", str(raw), f"ffcv=={FFCV}"], env=env)
+    # --no-cache-dir: a cached ffcv wheel may have been built against a shared OpenCV.
+    run([python312, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "ffcv", "-w", str(raw), f"ffcv=={FFCV}"], env=env)
     built = next(raw.glob("ffcv-*.whl"))
     out.mkdir(parents=True, exist_ok=True)
     run([str(tools / "bin" / "auditwheel"), "repair", "--wheel-dir", str(out), str(built)],

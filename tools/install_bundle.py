@@ -122,7 +122,7 @@ def plan(wheels: list[dict]) -> tuple[set[str], list[str]]:
             if w["file"] not in install and _needed(w["name"], _asks([x for x in wheels if x["file"] in install], w["name"])):
                 install.add(w["file"])
                 changed = True
-    kept = [f"{w['name']} {_have(w['name'])} (the image's)" for w in wheels if w["file"] not in install and _have(w["name"])]
+    kept = [f"{w['name']} {_have(w['name'])} (already importable here)" for w in wheels if w["file"] not in install and _have(w["name"])]
     return install, kept
 
 
