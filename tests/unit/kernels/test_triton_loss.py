@@ -1,9 +1,10 @@
 """The `triton` backend's fused kernels against the `reference` oracle.
 
 Without CUDA the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1),
-the same code the GPU compiles. Batches and widths are chosen across the kernels' block
-sizes (32): one partial block, several blocks with a partial last one, widths below and
-above one block of the embedding dimension.
+the same code the GPU compiles, with 16-wide tiles; on a CUDA machine the tensors are made on
+the GPU and the compiled kernels run. Batches and widths are chosen across the interpreted
+block sizes (16): one partial block, several blocks and slices with a partial last one,
+widths below and above one block of the embedding dimension.
 """
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from kernels import contrastive, reference, triton_lse
 
 PARTS = ("loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SSL_SCALE = 0.7
 
 
@@ -19,7 +21,7 @@ def _run(backend, emb: dict[str, torch.Tensor], scale: float, temp: float) -> tu
     """(loss parts, gradients) of SLIP through the API with `backend` (a name) or through
     `backend(leaves, logit_scale, temp)` (an oracle)."""
     leaves = {k: v.clone().requires_grad_(True) for k, v in emb.items()}
-    s = torch.tensor([scale], dtype=emb["image"].dtype if emb["image"].dtype != torch.bfloat16 else torch.float32)
+    s = torch.tensor([scale], dtype=emb["image"].dtype if emb["image"].dtype != torch.bfloat16 else torch.float32, device=DEVICE)
     s.requires_grad_(True)
     if callable(backend):
         out = backend(leaves, s, temp)
@@ -42,7 +44,7 @@ def _oracle_on_bf16_units(leaves: dict[str, torch.Tensor], s: torch.Tensor, temp
 
 def _embeddings(b: int, d: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(b, d, generator=g).to(dtype) for k in ("image", "text", "aug1", "aug2")}  # each (b, d)
+    return {k: torch.randn(b, d, generator=g).to(device=DEVICE, dtype=dtype) for k in ("image", "text", "aug1", "aug2")}  # each (b, d)
 
 
 def _close(got: dict, want: dict, rtol: float) -> None:
@@ -117,7 +119,7 @@ def test_bf16_gradients_keep_their_digits_when_the_positives_dominate() -> None:
     g = torch.Generator().manual_seed(1)
     base = torch.randn(40, 16, generator=g)  # (b, d)
     near = {k: base + 0.15 * torch.randn(40, 16, generator=g) for k in ("image", "text", "aug1", "aug2")}
-    emb = {k: v.bfloat16() for k, v in near.items()}
+    emb = {k: v.to(DEVICE, torch.bfloat16) for k, v in near.items()}
     want_parts, want_grads = _run(_oracle_on_bf16_units, emb, 30.0, 0.1)
     parts, grads = _run("triton", emb, 30.0, 0.1)
     assert want_parts["clip_acc"] == 100 and want_parts["ssl_acc"] == 100 and want_parts["loss"] < 0.1
@@ -128,10 +130,54 @@ def test_bf16_gradients_keep_their_digits_when_the_positives_dominate() -> None:
 
 
 def test_ties_and_the_masked_self_like_the_reference() -> None:
-    x = torch.ones(9, 4)  # every candidate equal: the top-1 is the first, the self entry masked
+    x = torch.ones(9, 4, device=DEVICE)  # every candidate equal: the top-1 is the first, the self entry masked
+    s = torch.tensor([5.0], device=DEVICE)
     for backend in ("reference", "triton"):
-        out = contrastive.slip_loss(x, x, torch.tensor([5.0]), x, x, backend=backend)
+        out = contrastive.slip_loss(x, x, s, x, x, backend=backend)
         assert out["clip_acc"].item() == pytest.approx(100 / 9) and out["ssl_acc"].item() == pytest.approx(100 / 9)
-    want = contrastive.slip_loss(x, x, torch.tensor([5.0]), x, x, backend="reference")["ssl_loss"]
-    got = contrastive.slip_loss(x, x, torch.tensor([5.0]), x, x, backend="triton")["ssl_loss"]
+    want = contrastive.slip_loss(x, x, s, x, x, backend="reference")["ssl_loss"]
+    got = contrastive.slip_loss(x, x, s, x, x, backend="triton")["ssl_loss"]
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("b", "world", "d", "rank"), [(24, 3, 100, 1), (40, 2, 33, 1), (7, 4, 16, 3), (50, 1, 70, 0)])
+def test_a_rank_strip_against_its_logits(b: int, world: int, d: int, rank: int) -> None:
+    """One rank's rows against every rank's candidates, as a multi-process step hands them to
+    the kernels: the masked entry and the positive at the rank's offset, widths that leave a
+    partial block of the embedding (100), against the materialised logits in fp64."""
+    from kernels.reference import SELF_MASK_LOGIT
+
+    g = torch.Generator().manual_seed(b * world + d)
+    n, offset = world * b, rank * b
+    q = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(DEVICE)  # (N, d) every rank's candidates
+    p = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(DEVICE)  # (b, d) this rank's rows
+    w_lse, w_pos = torch.randn(b, generator=g).to(DEVICE), torch.randn(b, generator=g).to(DEVICE)  # (b,) incoming gradients
+    pos_offset = (offset + b) % n if world > 1 else None
+
+    def run(fn):
+        pp, qq = p.clone().requires_grad_(True), q.clone().requires_grad_(True)
+        s = torch.tensor([17.0], device=DEVICE, requires_grad=True)
+        lse, positive, arg = fn(pp, qq, s)
+        ((lse * w_lse).sum() + ((positive * w_pos).sum() if positive is not None else 0)).backward()
+        done = (lse, positive, arg, pp.grad, qq.grad, s.grad)
+        return tuple(None if t is None else t.detach() if t.dtype == torch.int64 else t.detach().double() for t in done)
+
+    def kernels(pp, qq, s):
+        lse, _, _, arg, positive = triton_lse.tiled_lse(pp, qq, s, mask_offset=offset, positive_offset=pos_offset)
+        return lse, positive, arg
+
+    def logits(pp, qq, s):
+        z = s.double() * pp.double() @ qq.double().T  # (b, N)
+        rows = torch.arange(b, device=DEVICE)
+        z = z.index_put((rows, rows + offset), torch.tensor(SELF_MASK_LOGIT, dtype=z.dtype, device=DEVICE))
+        positive = z[rows, rows + pos_offset] if pos_offset is not None else None
+        return torch.logsumexp(z, dim=1), positive, z.argmax(dim=1)
+
+    got, want = run(kernels), run(logits)
+    for name, x, y in zip(("lse", "positive", "argmax", "grad_p", "grad_q", "grad_scale"), got, want):
+        if y is None:
+            continue
+        if name == "argmax":
+            assert torch.equal(x.cpu(), y.cpu()), name
+            continue
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * float(y.abs().max().clamp(min=1)), msg=name)
