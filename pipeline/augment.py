@@ -12,9 +12,16 @@ same random draws, the crops and the jitter + grayscale are bit-exact with torch
 transforms on a PIL image as the SLIP reference ran them (its Pillow's resize), and the
 kernels are 2-3x faster on 2 cores than DALI's own CPU operators.
 On `device="gpu"` they are DALI's `random_resized_crop`, `color_twist` and `gaussian_blur`,
-which differ from torchvision in two respects: color_twist applies brightness, contrast,
-saturation and hue in one fixed order and rotates hue in YIQ, and the resize's antialiasing
-filter is DALI's. The ranges and probabilities are the same on both devices.
+which differ from torchvision in three respects: color_twist pivots contrast at 128 where
+torchvision pivots on the image's mean grey; it folds brightness, contrast, saturation and hue
+(rotated in YIQ, not HSV) into one colour matrix applied at once, without torchvision's
+random order and its clamping to 8 bits after each adjustment; and the resize's antialiasing
+filter is DALI's. The ranges and probabilities are the same on both devices. The GPU decoder
+upsamples chroma as libjpeg-turbo does on the CPU (`jpeg_fancy_upsampling`), so both graphs
+start from the same pixels; `hw_decoder_load` is the share of JPEGs sent to the GPU's
+hardware decoder (the rest decode on CUDA cores and CPU threads). For bf16 training the GPU
+graph can emit fp16 views (`half`): half the bytes DALI holds per batch, and autocast reads
+them as readily.
 """
 from __future__ import annotations
 
@@ -28,17 +35,26 @@ from pipeline import augment_ops
 from pipeline.augment_config import VIEWS, AugmentConfig
 
 
-def normalize(view: DataNode, cfg: AugmentConfig, mirror: DataNode | int = 0, crop: tuple[int, int] | None = None) -> DataNode:
-    """uint8 HWC -> float32 CHW with the mean/std of `cfg`, optionally flipped and center-cropped."""
+def normalize(
+    view: DataNode, cfg: AugmentConfig, mirror: DataNode | int = 0, crop: tuple[int, int] | None = None, half: bool = False
+) -> DataNode:
+    """uint8 HWC -> float32 (fp16 with `half`) CHW with the mean/std of `cfg`, optionally flipped and center-cropped."""
     return fn.crop_mirror_normalize(
         view,
         mirror=mirror,
         crop=crop,
         mean=[255 * m for m in cfg.mean],
         std=[255 * s for s in cfg.std],
-        dtype=types.FLOAT,
+        dtype=types.FLOAT16 if half else types.FLOAT,
         output_layout="CHW",
     )
+
+
+def decode(jpegs: DataNode, device: str, hw_decoder_load: float = 0.65) -> DataNode:
+    """RGB images from encoded ones: nvJPEG on the GPU ("mixed"), libjpeg-turbo on the CPU."""
+    if device == "gpu":
+        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load, jpeg_fancy_upsampling=True)
+    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
 
 
 def _random_resized_crop(decoded: DataNode, cfg: AugmentConfig, scale: tuple[float, float], device: str) -> DataNode:
@@ -52,8 +68,8 @@ def _random_resized_crop(decoded: DataNode, cfg: AugmentConfig, scale: tuple[flo
     return augment_ops.random_resized_crop(decoded, params, cfg.image_size)
 
 
-def _clip_view(decoded: DataNode, cfg: AugmentConfig, device: str) -> DataNode:
-    return normalize(_random_resized_crop(decoded, cfg, cfg.clip_scale, device), cfg)
+def _clip_view(decoded: DataNode, cfg: AugmentConfig, device: str, half: bool) -> DataNode:
+    return normalize(_random_resized_crop(decoded, cfg, cfg.clip_scale, device), cfg, half=half)
 
 
 def _uniform(lo: float, hi: float) -> DataNode:
@@ -112,13 +128,20 @@ def _ssl_colour_gpu(view: DataNode, cfg: AugmentConfig) -> DataNode:
     return view
 
 
-def _ssl_view(decoded: DataNode, cfg: AugmentConfig, device: str) -> DataNode:
+def _ssl_view(decoded: DataNode, cfg: AugmentConfig, device: str, half: bool) -> DataNode:
     view = _random_resized_crop(decoded, cfg, cfg.ssl_scale, device)
     view = _ssl_colour_gpu(view, cfg) if device == "gpu" else _ssl_colour_cpu(view, cfg)
-    return normalize(view, cfg, mirror=fn.random.coin_flip(probability=cfg.flip_p))
+    return normalize(view, cfg, mirror=fn.random.coin_flip(probability=cfg.flip_p), half=half)
 
 
-def three_view_pipeline(
+def three_view_pipeline(source: Callable, views: tuple[str, ...], cfg: AugmentConfig, **kwargs) -> Pipeline:
+    """`three_view_graph`, built: DALI's threads (and on the GPU, its CUDA state) start here."""
+    pipe = three_view_graph(source, views, cfg, **kwargs)
+    pipe.build()
+    return pipe
+
+
+def three_view_graph(
     source: Callable,
     views: tuple[str, ...],
     cfg: AugmentConfig,
@@ -126,13 +149,17 @@ def three_view_pipeline(
     batch_size: int,
     num_threads: int,
     device: str = "cpu",
-    device_id: int = 0,
+    device_id: int | None = 0,
     seed: int = 0,
     prefetch: int = 2,
     source_workers: int = 0,
     checkpoint: bytes | None = None,
+    half: bool = False,
+    hw_decoder_load: float = 0.65,
 ) -> Pipeline:
-    """A built pipeline whose outputs are (index, *views) for the views asked for.
+    """The pipeline, defined but not built, whose outputs are (index, *views) for the views asked
+    for. A GPU graph defined with device_id=None can be serialised (its operators checked
+    against DALI's schemas) on a machine without CUDA.
 
     `source(batch_info)` returns (list of encoded JPEG arrays, int64 [b, 1] indices); the
     index rides through DALI so that host-side fields stay aligned with prefetching. With
@@ -152,15 +179,15 @@ def three_view_pipeline(
         parallel = {"parallel": True, "prefetch_queue_depth": max(prefetch, source_workers)} if source_workers else {}
         # Each worker prepares whole batches; the queue depth is what lets several work at once.
         jpegs, index = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, **parallel)
-        decoded = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        decoded = decode(jpegs, device, hw_decoder_load)
         built = {
-            "image": (lambda: _clip_view(decoded, cfg, device)),
-            "aug1": (lambda: _ssl_view(decoded, cfg, device)),
-            "aug2": (lambda: _ssl_view(decoded, cfg, device)),
+            "image": (lambda: _clip_view(decoded, cfg, device, half)),
+            "aug1": (lambda: _ssl_view(decoded, cfg, device, half)),
+            "aug2": (lambda: _ssl_view(decoded, cfg, device, half)),
         }
         return (index, *(built[v]() for v in VIEWS if v in views))
 
-    pipe = graph(
+    return graph(
         batch_size=batch_size,
         num_threads=num_threads,
         device_id=device_id if device == "gpu" else None,  # each rank decodes on its own GPU
@@ -175,5 +202,3 @@ def three_view_pipeline(
         # Spawned, not forked: the parent may hold CUDA, DALI and torch threads by now.
         **({"py_num_workers": source_workers, "py_start_method": "spawn"} if source_workers > 0 else {}),
     )
-    pipe.build()
-    return pipe

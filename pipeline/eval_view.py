@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.augment_config import AugmentConfig
+from pipeline.handoff import Handoff
 from pipeline.reader import BetonDataset
 from pipeline.schema import MANIFEST
 from pipeline.sources.classes import class_list as class_folders  # one definition of a class tree's classes
@@ -46,39 +47,50 @@ def iter_folder(
     class_folders(root)
     pipe = _built(lambda fn: fn.readers.file(file_root=str(root), random_shuffle=False, pad_last_batch=True, name="reader"),
                   augment, batch_size, threads, device, device_id)  # fmt: skip
-    yield from _batches(pipe, pipe.epoch_size("reader"), batch_size)
+    yield from _batches(pipe, pipe.epoch_size("reader"), batch_size, device, device_id)
 
 
-def _built(reader: Callable, augment: AugmentConfig, batch_size: int, threads: int, device: str, device_id: int) -> Any:
-    """A built DALI pipeline: `reader(fn)` gives (encoded images, a second output), the images
-    go through the evaluation view: the shorter side resized, then a center crop of the
-    training size, as SLIP evaluates."""
-    from nvidia.dali import fn, pipeline_def, types
+def eval_graph(reader: Callable, augment: AugmentConfig, batch_size: int, threads: int, device: str, device_id: int | None) -> Any:
+    """The evaluation view's DALI pipeline, defined but not built: `reader(fn)` gives (encoded
+    images, a second output); the images are decoded, their shorter side resized, then center-
+    cropped to the training size, as SLIP evaluates. A GPU graph defined with device_id=None can
+    be serialised (its operators checked against DALI's schemas) without CUDA."""
+    from nvidia.dali import fn, pipeline_def
 
-    from pipeline.augment import normalize
+    from pipeline.augment import decode, normalize
 
     size = augment.image_size
 
     @pipeline_def
     def graph():
         jpegs, second = reader(fn)
-        images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=size, antialias=True)
+        images = fn.resize(decode(jpegs, device), resize_shorter=size, antialias=True)
         return normalize(images, augment, crop=(size, size)), second
 
-    pipe = graph(batch_size=batch_size, num_threads=threads, device_id=device_id if device == "gpu" else None, seed=0)
+    return graph(batch_size=batch_size, num_threads=threads, device_id=device_id if device == "gpu" else None, seed=0)
+
+
+def _built(reader: Callable, augment: AugmentConfig, batch_size: int, threads: int, device: str, device_id: int) -> Any:
+    pipe = eval_graph(reader, augment, batch_size, threads, device, device_id)
     pipe.build()
     return pipe
 
 
-def _batches(pipe, n: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The pipeline's (views, int64 second output) for n samples; the last, padded batch is cut to n."""
-    for start in range(0, n, batch_size):
-        images, second = pipe.run()
-        keep = min(n - start, batch_size)
-        x = torch.from_dlpack(images.as_tensor())[:keep].clone()  # (b, 3, S, S)
-        y = torch.from_numpy(np.asarray(second.as_cpu().as_tensor()).reshape(-1)[:keep].astype(np.int64))  # (b,)
-        yield x, y
+def _batches(pipe, n: int, batch_size: int, device: str, device_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The pipeline's (views, int64 second output) for n samples; the last, padded batch is cut to n.
+    The views are copies: DALI's buffers are released only once the copy has run (`Handoff`)."""
+    handoff = Handoff(torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu"))
+    try:
+        for start in range(0, n, batch_size):
+            outputs = handoff.run(pipe)
+            images, second = outputs
+            keep = min(n - start, batch_size)
+            x = torch.from_dlpack(images.as_tensor())[:keep].clone()  # (b, 3, S, S)
+            handoff.retire(outputs)
+            y = torch.from_numpy(np.asarray(second.as_cpu().as_tensor()).reshape(-1)[:keep].astype(np.int64))  # (b,)
+            yield x, y
+    finally:
+        handoff.close()
 
 
 def iter_beton(
@@ -102,7 +114,7 @@ def iter_beton(
 
     pipe = _built(lambda fn: fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True),
                   augment, batch_size, threads, device, device_id)  # fmt: skip
-    yield from _batches(pipe, n, batch_size)
+    yield from _batches(pipe, n, batch_size, device, device_id)
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """The training loader: sampler -> memory-mapped JPEGs -> DALI three-view graph -> torch batch.
 
 Each `next()` returns the batch contract of DESIGN.md for one global step on this rank:
-`image`/`aug1`/`aug2` float32 [b, 3, S, S] (those the objective asks for), `text` int64
-[b, 77] (one caption per sample, drawn per epoch), `index` int64 [b]. The views are DALI's
-own output buffers, handed to torch through DLPack without a copy.
+`image`/`aug1`/`aug2` float32 [b, 3, S, S] (those the objective asks for; fp16 from a GPU
+graph with `half`), `text` int64 [b, 77] (one caption per sample, drawn per epoch), `index`
+int64 [b]. The views are DALI's own output buffers, handed to torch through DLPack without a
+copy; DALI runs on torch's stream and a batch's buffers are kept until the training step that
+used them has run (`handoff.Handoff`). The text and index reach the GPU from pinned memory,
+without stopping the host.
 
 A corrupt sample does not stop training. Every sample's stored JPEG passes a structural
 check (`jpeg_check.py`) before DALI sees it; one that fails is replaced by the next readable
@@ -11,15 +14,16 @@ sample of the dataset (so the batch keeps its size and the run its determinism),
 `replaced`, and logged once. The stand-in may already be in the batch: one duplicate
 (a false negative for the contrastive loss) per corrupt sample, which is rare enough not to
 matter. Bytes that pass the check but still make DALI's decoder fail are found by decoding
-the batches in flight one by one with the same decoder, marked, and the pipeline is rebuilt
-at the same step.
+the batches in flight one by one with the same decoder (nvJPEG for a GPU graph), marked, and
+the pipeline is rebuilt at the same step.
 
 Resuming is exact: `state()` after step k holds DALI's own checkpoint (its random states
 and iteration count, prefetching accounted for) and the step its pipeline started at; a
 loader built with that state hands out the batches the uninterrupted loader would have,
 bit for bit. Without a state (a new run, or a resume on another number of ranks) DALI's
 draws are seeded from (seed, start step), so a run started at step k does not repeat the
-draws of step 0.
+draws of step 0. A state is refused by a loader on the other device: the CPU and GPU graphs
+draw differently, so its random states would continue nothing.
 """
 from __future__ import annotations
 
@@ -34,9 +38,10 @@ import torch
 from nvidia.dali import fn, pipeline_def
 from nvidia.dali.pipeline import Pipeline
 
-from pipeline.augment import three_view_pipeline
+from pipeline.augment import decode, three_view_pipeline
 from pipeline.augment_config import VIEWS, AugmentConfig
 from pipeline.batch_source import REASON_NAMES, UNDECODABLE, BatchSource
+from pipeline.handoff import Handoff
 from pipeline.jpeg_check import OK
 from pipeline.reader import BetonDataset
 from pipeline.sampler import EpochSampler
@@ -44,17 +49,18 @@ from pipeline.sampler import EpochSampler
 log = logging.getLogger("slipstream.loader")
 
 
-@pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
-def _decode_one():
-    return fn.decoders.image(fn.external_source(name="jpeg"), device="cpu")
+@pipeline_def(batch_size=1, num_threads=1, exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+def _decode_one(device: str):
+    return decode(fn.external_source(name="jpeg"), device)
 
 
-def dali_decodes(jpegs: list[np.ndarray]) -> list[bool]:
-    """Whether DALI's CPU decoder accepts each JPEG. One at a time: an error ends a pipeline."""
+def dali_decodes(jpegs: list[np.ndarray], device: str = "cpu", device_id: int = 0) -> list[bool]:
+    """Whether the decoder of a `device` graph (DALI's CPU one, or nvJPEG for "gpu") accepts each
+    JPEG. One at a time: an error ends a pipeline."""
     results, pipe = [], None
     for data in jpegs:
         if pipe is None:
-            pipe = _decode_one()
+            pipe = _decode_one(device, device_id=device_id if device == "gpu" else None)
             pipe.build()
         pipe.feed_input("jpeg", [data])
         try:
@@ -103,18 +109,30 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         seed: int = 0,
         start_step: int = 0,
         state: dict | None = None,
+        half: bool = False,
+        hw_decoder_load: float | None = None,
     ) -> None:
+        """`half`: fp16 views from a GPU graph. `hw_decoder_load`: the share of JPEGs for the GPU's
+        hardware decoder (None: 0.95 on Hopper and newer, whose engines keep up, else DALI's 0.65)."""
         self.dataset, self.sampler, self.text = dataset, sampler, text
         self.views = tuple(v for v in VIEWS if v in views)  # the graph emits them in VIEWS order
         self.augment, self.threads, self.prefetch, self.source_workers, self.seed = augment, threads, prefetch, source_workers, seed
         self.device_name, self.device_id = device, device_id
         self.device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
+        self.half = half and device == "gpu"
+        if hw_decoder_load is None:
+            hw_decoder_load = 0.95 if device == "gpu" and torch.cuda.get_device_capability(device_id)[0] >= 9 else 0.65
+        self.hw_decoder_load = hw_decoder_load
+        self.handoff, self._in_use = Handoff(self.device), None
         self.step = start_step  # the global step of the next batch handed out
         self.replaced = 0  # sample slots filled by a stand-in, over the run so far
         # This process's record of unreadable samples; source workers get a pickled copy.
         self.source = BatchSource(dataset, sampler, start_step)
         self._logged: set[int] = set()
         if state is not None:
+            if state.get("device", "cpu") != device:
+                raise ValueError(f"the loader's saved state comes from a {state.get('device', 'cpu')} graph, this loader decodes on the {device}: "
+                                 "its random states would continue nothing; resume with the same data.device, or start afresh")  # fmt: skip
             # Samples only DALI's decoder rejects are not found by the structural check again:
             # they would fail the pipeline and rebuild it with other draws than the first run's.
             self.source.mark([int(i) for i in state["undecodable"]], UNDECODABLE)
@@ -126,10 +144,12 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
     def state(self) -> dict:
         """What a loader needs to continue exactly after the batches handed out so far."""
         undecodable = [i for i, reason in self.source.unreadable.items() if reason == REASON_NAMES[UNDECODABLE]]
-        return {"origin": self.origin, "dali": self.pipe.checkpoint(), "undecodable": undecodable}
+        return {"origin": self.origin, "dali": self.pipe.checkpoint(), "undecodable": undecodable, "device": self.device_name}
 
     def close(self) -> None:
         """Stop DALI's threads and source worker processes now rather than at garbage collection."""
+        self._in_use = None
+        self.handoff.close()
         if self.pipe is not None:
             self.pipe._shutdown()
             self.pipe = None
@@ -152,6 +172,8 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
             prefetch=self.prefetch,
             source_workers=self.source_workers,
             checkpoint=checkpoint,
+            half=self.half,
+            hw_decoder_load=self.hw_decoder_load,
         )
 
     @property
@@ -170,15 +192,25 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         tensor = torch.from_dlpack(output.as_tensor())
         return tensor if tensor.device == self.device else tensor.to(self.device, non_blocking=True)
 
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        # From pinned memory the copy is asynchronous; from pageable memory it would wait for
+        # everything queued on the stream, the last step's backward included.
+        return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+
     def _run(self) -> tuple:
+        if self._in_use is not None:  # the step that used the last batch has been enqueued by now
+            self.handoff.retire(self._in_use)
+            self._in_use = None
         while True:
             try:
-                return self.pipe.run()
+                self._in_use = self.handoff.run(self.pipe)
+                return self._in_use
             except RuntimeError:
                 # DALI does not say which sample failed: decode every one it may have been at.
                 in_flight = range(self.step, self.step + self.prefetch + 1)
                 suspects = sorted({int(i) for step in in_flight for i in self.source.indices(step)})
-                found = [i for i, ok in zip(suspects, dali_decodes([self.dataset.jpeg(i) for i in suspects])) if not ok]
+                verdicts = dali_decodes([self.dataset.jpeg(i) for i in suspects], self.device_name, self.device_id)
+                found = [i for i, ok in zip(suspects, verdicts) if not ok]
                 if not found:
                     raise
             self.source.mark(found, UNDECODABLE)
@@ -206,7 +238,7 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         self._check_and_note(indices)
         batch = {name: self._to_torch(out) for name, out in zip(self.views, view_outs)}
         if self.text:
-            batch["text"] = self._tokens(self.step, indices).to(self.device)
-        batch["index"] = torch.from_numpy(indices).to(self.device)
+            batch["text"] = self._to_device(self._tokens(self.step, indices))
+        batch["index"] = self._to_device(torch.from_numpy(indices))
         self.step += 1
         return batch

@@ -113,6 +113,8 @@ def build_loader(
         seed=cfg.run.seed * 1000 + dist.rank,
         start_step=start,
         state=state,
+        half=cfg.engine.precision == "bf16",  # fp16 views from a GPU graph: half DALI's bytes, as good under autocast
+        hw_decoder_load=None if cfg.data.hw_decoder_load < 0 else cfg.data.hw_decoder_load,
     )
 
 

@@ -43,6 +43,7 @@ class DataConfig:
     loader: str = "dali"
     allow_synthetic: bool = False  # let `slip train` run on data.loader=synthetic: a smoke test of a node, nothing is learned
     device: str = "auto"  # where DALI decodes and augments: auto (the GPU when training on one) | cpu | gpu
+    hw_decoder_load: float = -1.0  # share of JPEGs for the GPU's hardware decoder; -1: 0.95 on Hopper and newer, else 0.65
 
     def __post_init__(self) -> None:
         _require(self.loader in LOADERS, f"data.loader must be one of {list(LOADERS)}, got '{self.loader}'")
@@ -51,6 +52,7 @@ class DataConfig:
         _require(self.threads > 0, "data.threads must be positive")
         _require(self.prefetch > 0, "data.prefetch must be positive")
         _require(self.source_workers >= 0, "data.source_workers must be 0 or more")
+        _require(self.hw_decoder_load == -1 or 0 <= self.hw_decoder_load <= 1, "data.hw_decoder_load must be in [0, 1], or -1 for the default")
 
 
 @dataclass

@@ -77,3 +77,41 @@ def test_gpu_evaluation_view_matches_the_cpu_one(tmp_path: Path, make_shapes_bet
     gpu, gpu_order = image_features(model, iter_beton(dataset, aug, batch_size=8, device="gpu"), 3, "gpu")
     assert torch.equal(cpu_order, gpu_order)
     assert torch.nn.functional.cosine_similarity(cpu, gpu).min() > 0.98
+
+
+def test_half_views_pinned_copies_and_held_buffers(tmp_path: Path, make_shapes_beton) -> None:
+    # bf16 training reads fp16 views; the text and index arrive without stopping the host; a
+    # batch's buffers stay DALI's until the work queued after it has run.
+    dataset = BetonDataset(make_shapes_beton(tmp_path, train_size=32))
+    loader = ThreeViewLoader(dataset, EpochSampler(len(dataset), 8, seed=0), ("image", "aug1"), AugmentConfig(image_size=32),
+                             device="gpu", half=True)  # fmt: skip
+    full = ThreeViewLoader(dataset, EpochSampler(len(dataset), 8, seed=0), ("image", "aug1"), AugmentConfig(image_size=32), device="gpu")
+    a, b = next(loader), next(full)
+    assert a["image"].dtype == torch.float16 and b["image"].dtype == torch.float32
+    assert torch.allclose(a["image"].float(), b["image"], atol=1e-2)  # the same draws, fp16 rounding apart
+    assert a["text"].is_cuda and a["index"].is_cuda
+    torch.cuda._sleep(10**8)  # a long kernel on torch's stream, queued after this batch's use
+    next(loader)
+    assert loader.handoff.held == 1  # the first batch is still DALI's to keep: the work after it has not run
+    torch.cuda.synchronize()
+    next(loader)
+    assert loader.handoff.held <= 1  # the first released once its event completed
+    loader.close()
+    assert loader.handoff.held == 0
+
+
+def test_undecodable_samples_are_judged_by_the_gpu_decoder(tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.loader import dali_decodes
+
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(good, format="JPEG")
+    data = np.frombuffer(good.getvalue(), dtype=np.uint8)
+    bad = data.copy()
+    bad[len(bad) // 2 :] = 0  # the entropy-coded data wiped
+    assert dali_decodes([data, bad, data], device="gpu") == dali_decodes([data, bad, data], device="cpu")
+    assert dali_decodes([data], device="gpu") == [True]

@@ -245,6 +245,10 @@ def test_a_loader_restored_from_its_state_continues_bit_for_bit(dataset: BetonDa
     # A fresh loader started at step 3 reads the same samples but draws new augmentations.
     fresh = next(_loader(dataset, seed=5, start_step=3))
     assert torch.equal(fresh["index"], batches[3]["index"]) and not torch.equal(fresh["aug1"], batches[3]["aug1"])
+    # The state says which graph drew it: the other device's graph draws otherwise, so it is refused.
+    assert state["device"] == "cpu"
+    with pytest.raises(ValueError, match="saved state comes from a gpu graph"):
+        _loader(dataset, seed=5, start_step=3, state={**state, "device": "gpu"})
 
 
 def test_a_resume_after_an_undecodable_sample_continues_bit_for_bit(dataset: BetonDataset, tmp_path) -> None:
