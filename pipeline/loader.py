@@ -50,17 +50,17 @@ log = logging.getLogger("slipstream.loader")
 
 
 @pipeline_def(batch_size=1, num_threads=1, exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
-def _decode_one(device: str):
-    return decode(fn.external_source(name="jpeg"), device)
+def _decode_one(device: str, hw_decoder_load: float):
+    return decode(fn.external_source(name="jpeg"), device, hw_decoder_load)
 
 
-def dali_decodes(jpegs: list[np.ndarray], device: str = "cpu", device_id: int = 0) -> list[bool]:
-    """Whether the decoder of a `device` graph (DALI's CPU one, or nvJPEG for "gpu") accepts each
-    JPEG. One at a time: an error ends a pipeline."""
+def dali_decodes(jpegs: list[np.ndarray], device: str = "cpu", device_id: int = 0, hw_decoder_load: float = 0.65) -> list[bool]:
+    """Whether the decoder of a `device` graph (DALI's CPU one, or nvJPEG for "gpu", with the
+    graph's share for the hardware decoder) accepts each JPEG. One at a time: an error ends a pipeline."""
     results, pipe = [], None
     for data in jpegs:
         if pipe is None:
-            pipe = _decode_one(device, device_id=device_id if device == "gpu" else None)
+            pipe = _decode_one(device, hw_decoder_load, device_id=device_id if device == "gpu" else None)
             pipe.build()
         pipe.feed_input("jpeg", [data])
         try:
@@ -130,7 +130,7 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         self.source = BatchSource(dataset, sampler, start_step)
         self._logged: set[int] = set()
         if state is not None:
-            if state.get("device", "cpu") != device:
+            if state.get("device", device) != device:  # a state from before states named their device: trusted
                 raise ValueError(f"the loader's saved state comes from a {state.get('device', 'cpu')} graph, this loader decodes on the {device}: "
                                  "its random states would continue nothing; resume with the same data.device, or start afresh")  # fmt: skip
             # Samples only DALI's decoder rejects are not found by the structural check again:
@@ -148,7 +148,9 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
 
     def close(self) -> None:
         """Stop DALI's threads and source worker processes now rather than at garbage collection."""
-        self._in_use = None
+        if self._in_use is not None:  # the last batch's step may still be queued
+            self.handoff.retire(self._in_use)
+            self._in_use = None
         self.handoff.close()
         if self.pipe is not None:
             self.pipe._shutdown()
@@ -203,17 +205,17 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
             self._in_use = None
         while True:
             try:
-                self._in_use = self.handoff.run(self.pipe)
-                return self._in_use
+                return self.handoff.run(self.pipe)
             except RuntimeError:
                 # DALI does not say which sample failed: decode every one it may have been at.
                 in_flight = range(self.step, self.step + self.prefetch + 1)
                 suspects = sorted({int(i) for step in in_flight for i in self.source.indices(step)})
-                verdicts = dali_decodes([self.dataset.jpeg(i) for i in suspects], self.device_name, self.device_id)
+                verdicts = dali_decodes([self.dataset.jpeg(i) for i in suspects], self.device_name, self.device_id, self.hw_decoder_load)
                 found = [i for i, ok in zip(suspects, verdicts) if not ok]
                 if not found:
                     raise
             self.source.mark(found, UNDECODABLE)
+            self.handoff.close()  # the batches still in use are released before their pipeline goes
             self.pipe = None  # release the failed pipeline (and its workers) before the next
             self.pipe = self._build(self.step)
 
@@ -237,6 +239,8 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         indices = np.asarray(index_out.as_cpu().as_tensor()).reshape(-1).astype(np.int64)  # (b,)
         self._check_and_note(indices)
         batch = {name: self._to_torch(out) for name, out in zip(self.views, view_outs)}
+        # DALI's outputs and torch's views of them, kept until the step that reads them has run.
+        self._in_use = (index_out, view_outs, [batch[name] for name in self.views])
         if self.text:
             batch["text"] = self._to_device(self._tokens(self.step, indices))
         batch["index"] = self._to_device(torch.from_numpy(indices))
