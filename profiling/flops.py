@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,32 +144,75 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype) -> tuple[f
     return None
 
 
-def measured_peak_flops(device: torch.device | str, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
-    """Achieved FLOP/s of an n x n matmul, best of `repeats`: a peak for devices without a
-    table entry (the CPU), to be labelled "measured matmul peak". n defaults to 1024 on the
-    CPU (~2 GFLOP, tens of ms on 2 cores) and 8192 on a GPU, where small matmuls are bound
-    by launch overhead rather than by the tensor cores."""
+def step_matmul_shapes(cfg: Config, rows_cap: int) -> list[tuple[int, int, int]]:
+    """(rows, in, out) of the step's own big matmuls, per device: each tower's QKV projection and
+    MLP up and down over a local batch of tokens, rows capped at `rows_cap` (the cost of
+    measuring them; a matmul's rate levels off long before the step's row count)."""
+    m, objective = cfg.model, get_objective(cfg.model.objective)
+    s = SIZES[m.size]
+    batch = max(1, cfg.data.batch_size)
+    tokens = (cfg.augment.image_size // s.patch_size) ** 2 + 1
+    towers = [(batch * tokens, s.vision_width)] + ([(batch * m.context_length, s.text_width)] if objective.text else [])
+    shapes = []
+    for rows, width in towers:
+        rows = min(rows, rows_cap)
+        shapes += [(rows, width, 3 * width), (rows, width, 4 * width), (rows, 4 * width, width)]
+    return list(dict.fromkeys(shapes))
+
+
+def _square(sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    return [(n, n, n) for n in sizes]
+
+
+def measured_peak_flops(
+    device: torch.device | str,
+    dtypes: tuple[torch.dtype, ...],
+    shapes: Sequence[tuple[int, int, int]] = (),
+    *,
+    repeats: int = 2,
+    budget_s: float | None = None,
+) -> tuple[float, int]:
+    """(best FLOP/s, number of (dtype, shape) pairs timed): `F.linear`, the op the towers run,
+    over `shapes` (rows, in, out) and a few squares, in each of `dtypes`, each the best of
+    1 + `repeats` runs, stopping when `budget_s` is spent (default 1.5 s on the CPU, 3 s on a GPU).
+
+    A peak must bound what the step achieves, so it is the best of many candidates: the CPU's
+    fastest matmul depends on the dtype (autocast runs some of the step in fp32, and a CPU
+    without bf16 instructions runs bf16 slower than fp32) and on the shape (a small square that
+    stays in cache can beat a large one). Measured with this process's torch threads. Small
+    matmuls on a GPU are bound by launch overhead, so its squares are large."""
     device = torch.device(device)
-    n = n or (1024 if device.type == "cpu" else 8192)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    gpu = device.type == "cuda"
+    budget_s = budget_s if budget_s is not None else (3.0 if gpu else 1.5)
+    candidates = [*shapes, *_square((4096, 8192) if gpu else (256, 512, 1024))]
 
     def sync() -> None:
-        if device.type == "cuda":
+        if gpu:
             torch.cuda.synchronize(device)
 
-    a @ b  # warm-up: kernel choice, thread-pool start
-    sync()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    best, timed = 0.0, 0
+    deadline = time.perf_counter() + budget_s
+    for rows, k, n in dict.fromkeys(candidates):  # shape-major: a short budget still tries every dtype
+        for dtype in dict.fromkeys(dtypes):
+            if time.perf_counter() > deadline:
+                return best, timed
+            x, w = torch.randn(rows, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
+            fastest = math.inf
+            for _ in range(1 + repeats):  # the first also warms up (kernel choice, thread pool): it only can be slower
+                start = time.perf_counter()
+                torch.nn.functional.linear(x, w)
+                sync()
+                fastest = min(fastest, time.perf_counter() - start)
+                if time.perf_counter() > deadline:
+                    break
+            best, timed = max(best, 2 * rows * k * n / fastest), timed + 1
+    return best, timed
 
 
-def mfu(step_flops_per_s: float, peak: float) -> float:
-    """Model FLOP utilisation: achieved model FLOP/s (per device) over that device's peak."""
+def mfu(step_flops_per_s: float, peak: float) -> float | None:
+    """Model FLOP utilisation: achieved model FLOP/s (per device) over that device's peak; None
+    when the step beat the peak, which then bounds nothing (a figure over 100% is never shown)."""
     if peak <= 0:
         raise ValueError(f"peak FLOP/s must be positive, got {peak}")
-    return step_flops_per_s / peak
+    ratio = step_flops_per_s / peak
+    return ratio if ratio <= 1.0 else None

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.command import one_line
 from pipeline.reader import BetonDataset
-from profiling.flops import device_peak_flops, measured_peak_flops, mfu, step_flops
+from profiling.flops import device_peak_flops, measured_peak_flops, mfu, step_flops, step_matmul_shapes
 from profiling.pil_pipeline import pil_batches
 from profiling.plain_step import PLAIN_NAME, plain_step
 from profiling.stage_timer import STAGES, StageTimer, instrument
@@ -76,25 +77,38 @@ def _loader_alone(loader: Any, dataset: Any, sampler: Any, start: int, batches: 
 
 def device_peak(cfg: Config) -> tuple[float, str]:
     """(peak FLOP/s of one device at the recipe's precision, where the figure comes from): the
-    datasheet's for a known GPU, else a matmul measured here. Measured once per comparison, so
-    that every configuration's MFU is against the same peak."""
+    datasheet's for a known GPU, else the best matmul measured here over the step's own shapes
+    and a few squares, in the step's dtype and in fp32. Measured once per comparison, so that
+    every configuration's MFU is against the same peak."""
     device = torch.device(pick_device(cfg.engine.device))
     dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
     known = device_peak_flops(device, dtype)
-    return known if known is not None else (measured_peak_flops(device, dtype), f"measured {str(dtype)[6:]} matmul peak of this {device.type}")
+    if known is not None:
+        return known
+    shapes = step_matmul_shapes(cfg, rows_cap=16384 if device.type == "cuda" else 256)
+    dtypes = (dtype, torch.float32)
+    peak, timed = measured_peak_flops(device, dtypes, shapes)
+    names = " and ".join(str(d)[6:] for d in dict.fromkeys(dtypes))
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return peak, f"best of {timed} matmuls measured on this {device.type}: {names}, the step's shapes among them{threads}"
 
 
 def _flops(cfg: Config, step_ms: float, world: int, peak: tuple[float, str]) -> dict[str, Any]:
     count = step_flops(cfg, cfg.data.batch_size)
     per_device = count.train_flops / world / (step_ms / 1e3)  # FLOP/s each device achieved
     peak, source = peak
-    return {
+    utilisation = mfu(per_device, peak)
+    out = {
         "train_flops_per_step": count.train_flops,
         "achieved_flops_per_device": per_device,
         "peak_flops": peak,
         "peak_source": source,
-        "mfu": mfu(per_device, peak),
+        "mfu": utilisation,  # None: the step beat the peak, so there is no trustworthy one
     }
+    if utilisation is None:
+        out["mfu_note"] = (f"n/a (the peak of {peak / 1e12:.3g} TFLOP/s, {source}, is below the step's achieved "
+                           f"{per_device / 1e12:.3g} TFLOP/s: no trustworthy peak)")  # fmt: skip
+    return out
 
 
 def _loader(built: Built) -> Any:
@@ -172,7 +186,8 @@ def profile_step(
 
 
 def _failure(err: Exception) -> dict[str, str]:
-    out = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+    name, line = type(err).__name__, one_line(err)  # an OS error as `<path>: <what failed>`
+    out = {"error": name if line == name else f"{name}: {line}"}
     if os.environ.get("SLIP_DEBUG"):
         out["traceback"] = traceback.format_exc()
     return out

@@ -104,6 +104,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="generate, convert, train and evaluate a tiny SLIP on the CPU")
-    demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: %(default)s)")
     demo.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     demo.set_defaults(func=_cmd_demo)

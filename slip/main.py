@@ -3,8 +3,9 @@
     slip demo | train | export | convert | inspect | verify | eval | profile
 
 Each verb group lives in its own module (`slip.data`, `slip.train`, `slip.eval`,
-`slip.profile`, `slip.demo`) and prints through `slip.output`. A failure on the user's input
-is one line on stderr and exit code 2 (`SLIP_DEBUG=1` shows the traceback instead).
+`slip.profile`, `slip.demo`) and prints through `slip.output`. A failure is one line on stderr
+(`SLIP_DEBUG=1` shows the traceback instead): exit code 2 for the user's input, 1 for the
+operating system refusing a file operation, named by path and cause (`pipeline.command`).
 """
 from __future__ import annotations
 

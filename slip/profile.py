@@ -128,7 +128,7 @@ def step_table(report: dict[str, Any]) -> str:
     row("samples/s", lambda c: f"{c['samples_per_s']:.1f}" + (f" {c['throughput_ratio']:.2f}x" if "throughput_ratio" in c else ""))
     row("data stall", lambda c: percent(c["data_stall"]))
     row("peak memory", lambda c: f"{c['peak_memory_bytes'] / 2**30:.2f} GiB")
-    row("MFU", lambda c: percent(c["mfu"]))
+    row("MFU", lambda c: "n/a" if c["mfu"] is None else percent(c["mfu"]))
     row("loader: read", lambda c: f"{c['loader_alone']['read_ms']:.1f} ms")
     row("loader: decode+aug", lambda c: f"{c['loader_alone']['decode_augment_ms']:.1f} ms")
     row("loader", lambda c: c["loader"])
@@ -137,6 +137,7 @@ def step_table(report: dict[str, Any]) -> str:
         lines.append(f"MFU: {c['train_flops_per_step'] / 1e9:.1f} GFLOP per step (analytic: 3x the forward of both towers, text at "
                      f"its full context; recompute by GradCache or checkpointing not counted), against "
                      f"{c['peak_flops'] / 1e12:.3g} TFLOP/s per device ({c['peak_source']})")  # fmt: skip
+    lines += [f"MFU of {c['name']}: {c['mfu_note']}" for c in ok if c["mfu"] is None]
     lines.append("loader: per batch, running alone (throughput); prefetching hides it behind the step, data_wait is what it could not hide")
     lines += [f"{c['name']}: failed: {c['error']}" for c in configs if "error" in c]
     return "\n".join(lines)
@@ -209,30 +210,34 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     targets = prof.add_subparsers(dest="target", required=True)
     pconv = targets.add_parser("convert", help="slip convert against a plain single-process PIL loop")
     pconv.add_argument("--images", help="folder of JPEGs with sidecar captions (default: --synthetic of them)")
-    pconv.add_argument("--synthetic", type=int, default=1000, help="generate N 400-640 px JPEGs when no --images")
-    pconv.add_argument("--workers", default="1,2", help="worker counts to measure, comma-separated (default 1,2)")
-    pconv.add_argument("--max-side", type=int, default=384)
-    pconv.add_argument("--quality", type=int, default=90)
-    pconv.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    pconv.add_argument("--synthetic", type=int, default=1000, metavar="N", help="generate N 400-640 px JPEGs when no --images (default: %(default)s)")
+    pconv.add_argument("--workers", default="1,2", help="worker counts to measure, comma-separated (default: %(default)s)")
+    pconv.add_argument("--max-side", type=int, default=384, metavar="PX",
+                       help="longest image side after resizing, as `slip convert --max-side` (default: %(default)s)")  # fmt: skip
+    pconv.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality (1-100) of re-encoded images (default: %(default)s)")
+    pconv.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
     pconv.set_defaults(func=_cmd_convert)
 
     ppipe = targets.add_parser("pipeline", help="the DALI three-view loader against the SLIP reference's PIL + torchvision pipeline")
     ppipe.add_argument("--data", required=True, help="directory written by `slip convert`")
-    ppipe.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    ppipe.add_argument("--batch-size", type=int, default=64)
-    ppipe.add_argument("--image-size", type=int, default=224)
+    ppipe.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                       help="where DALI decodes and augments: cpu, or gpu (nvJPEG decode on the GPU) (default: %(default)s)")  # fmt: skip
+    ppipe.add_argument("--batch-size", type=int, default=64, help="samples per batch, for both pipelines (default: %(default)s)")
+    ppipe.add_argument("--image-size", type=int, default=224, metavar="PX", help="side of each augmented view, in pixels (default: %(default)s)")
     ppipe.add_argument("--workers", type=int, default=0, help="CPU threads/workers for both (default: every core)")
-    ppipe.add_argument("--source-workers", type=int, default=0, help="processes reading JPEG bytes for DALI (default 0)")
-    ppipe.add_argument("--steps", type=int, default=10, help="measured batches (after 3 warm-up ones)")
+    ppipe.add_argument("--source-workers", type=int, default=0, help="processes reading JPEG bytes for DALI (default: %(default)s)")
+    ppipe.add_argument("--steps", type=int, default=10, help="measured batches, after 3 warm-up ones (default: %(default)s)")
     ppipe.set_defaults(func=_cmd_pipeline)
 
     ploss = targets.add_parser("loss", help="contrastive loss backends: time and peak memory of forward + backward")
     ploss.add_argument("--batch", type=int, required=True, help="global batch B (one process holds all of it)")
-    ploss.add_argument("--dim", type=int, default=512, help="CLIP embedding width (SimCLR's is 256)")
-    ploss.add_argument("--backend", default="reference,chunked", help="backends, comma-separated; ratios are against the first")
-    ploss.add_argument("--device", default="cpu", help="cpu or cuda")
-    ploss.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ploss.add_argument("--repeats", type=int, default=1, help="runs per backend; the fastest is reported")
+    ploss.add_argument("--dim", type=int, default=512, help="CLIP embedding width; SimCLR's is 256 (default: %(default)s)")
+    ploss.add_argument("--backend", default="reference,chunked",
+                       help="backends, comma-separated; ratios are against the first (default: %(default)s)")  # fmt: skip
+    ploss.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    ploss.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="dtype of the embeddings and of the loss computation (default: %(default)s)")  # fmt: skip
+    ploss.add_argument("--repeats", type=int, default=1, help="runs per backend; the fastest is reported (default: %(default)s)")
     ploss.add_argument("--fit", type=float, metavar="GIB",
                        help="instead of timing: the largest batch (bisection from --batch) each backend fits in GIB of GPU memory (CUDA only)")  # fmt: skip
     ploss.set_defaults(func=_cmd_loss)
@@ -247,8 +252,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--compare", nargs="+", metavar="OVERRIDES",
                        help='configurations side by side, each a quoted, space-separated set of overrides ("" for the recipe '
                             'as is); ratios are against the first')  # fmt: skip
-        p.add_argument("--warmup", type=int, default=3, help="steps run first and not measured (default 3)")
-        p.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
+        p.add_argument("--warmup", type=int, default=3, help="steps run first and not measured (default: %(default)s)")
+        p.add_argument("--steps", type=int, default=10, help="measured steps (default: %(default)s)")
         p.add_argument("--png", help="write a stacked-bar chart of the stage breakdown to this file")
         p.add_argument("--plain-baseline", action="store_true",
                        help="add, last, the recipe's step as the SLIP reference trains it: plain torch (autocast, AdamW, no DeepSpeed) "

@@ -24,7 +24,7 @@ def test_gpu_stages_add_up_to_the_step(tmp_path: Path, make_shapes_beton) -> Non
     r = profile_step(load_config("tiny_cpu", [*common, "engine.precision=bf16"]), warmup=2, steps=5)
     assert r["loader"] == "dali-gpu" and r["device"].startswith("cuda")
     _adds_up(r)
-    assert r["stages_ms"]["vision_fwd"] > 0 and r["stages_ms"]["backward"] > 0 and 0 < r["mfu"] < 1
+    assert r["stages_ms"]["vision_fwd"] > 0 and r["stages_ms"]["backward"] > 0 and 0 < r["mfu"] < 1  # a datasheet peak: never n/a
     cpu_decode = profile_step(load_config("tiny_cpu", [*common, "data.device=cpu"]), warmup=2, steps=3)
     assert cpu_decode["loader"] == "dali-cpu" and cpu_decode["stages_ms"]["h2d"] > 0
     _adds_up(cpu_decode)

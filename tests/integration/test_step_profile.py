@@ -49,7 +49,8 @@ def _check_config(c: dict) -> None:
     for stage in ("data_wait", "vision_fwd", "text_fwd", "loss", "backward", "optimizer"):
         assert c["stages_ms"][stage] > 0, stage
     assert c["samples_per_s"] == pytest.approx(16 / (c["step_ms"] / 1e3))
-    assert 0 <= c["data_stall"] < 1 and c["peak_memory_bytes"] > 0 and c["mfu"] > 0
+    assert 0 <= c["data_stall"] < 1 and c["peak_memory_bytes"] > 0
+    assert (c["mfu"] is None and c["mfu_note"]) or 0 < c["mfu"] <= 1  # n/a when the CPU peak is not a true bound
     assert c["loader_alone"]["decode_augment_ms"] >= 0 and c["loader_alone"]["read_ms"] > 0
 
 

@@ -1,6 +1,8 @@
 """The analytic FLOP counts against published numbers and against torch's FlopCounterMode
 run on the real models, and the device peaks."""
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from profiling.flops import (
     measured_peak_flops,
     mfu,
     step_flops,
+    step_matmul_shapes,
     text_macs,
     vit_macs,
 )
@@ -141,11 +144,76 @@ def test_step_flops_of_the_paper_recipes() -> None:
 def test_device_peaks_and_mfu() -> None:
     assert device_peak_flops("cpu", torch.float32) is None
     assert device_peak_flops(torch.device("cpu"), torch.bfloat16) is None
-    peak = measured_peak_flops("cpu", torch.float32)
-    assert math.isfinite(peak) and peak > 0
+    peak, timed = measured_peak_flops("cpu", (torch.float32,), budget_s=0.5)
+    assert math.isfinite(peak) and peak > 0 and timed >= 1
     assert mfu(0.5 * peak, peak) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         mfu(1.0, 0.0)
+
+
+def test_mfu_is_never_above_one() -> None:
+    """A step faster than the peak means the peak is wrong: no figure, rather than 130%."""
+    rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    peaks = torch.rand(200, generator=rng, dtype=torch.float64) * 1e12 + 1e9
+    achieved = peaks * torch.rand(200, generator=rng, dtype=torch.float64) * 2
+    for a, p in zip(achieved.tolist(), peaks.tolist()):
+        value = mfu(a, p)
+        assert (value is None) == (a > p)
+        assert value is None or value == pytest.approx(a / p) and 0 <= value <= 1
+    assert mfu(361e9, 277e9) is None and mfu(277e9, 277e9) == 1.0
+
+
+def test_peak_is_the_best_dtype_and_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peak is the fastest candidate, whichever dtype and shape it is: here float32 matmuls
+    take 1 ms and bfloat16 ones 40 ms, so the best rate is float32's on the largest shape."""
+    import time
+
+    def fake_linear(x: torch.Tensor, w: torch.Tensor) -> None:
+        time.sleep(0.001 if x.dtype == torch.float32 else 0.04)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", fake_linear)
+    shapes = [(64, 32, 96), (48, 128, 32)]
+    peak, timed = measured_peak_flops("cpu", (torch.bfloat16, torch.float32), shapes, repeats=2, budget_s=60)
+    assert timed == 2 * (len(shapes) + 3)  # every shape, and the three squares, in both dtypes
+    largest = 2 * 1024**3  # the 1024 square
+    assert 2 * largest / 0.04 < peak <= largest / 0.001
+
+
+def test_peak_measurement_keeps_to_its_budget() -> None:
+    import time
+
+    cfg = load_config("slip_vitb16", ["data.batch_size=8"])
+    shapes = step_matmul_shapes(cfg, rows_cap=256)
+    assert (256, 768, 3072) in shapes and (256, 3072, 768) in shapes and (256, 512, 2048) in shapes
+    start = time.perf_counter()
+    peak, timed = measured_peak_flops("cpu", (torch.bfloat16, torch.float32), shapes, budget_s=0.3)
+    # One matmul may overrun the budget (the deadline is checked between them); a sweep of all
+    # shapes and both dtypes would take far longer than this bound even on a fast machine.
+    assert time.perf_counter() - start < 10.0 and peak > 0 and timed >= 1
+
+
+def test_an_impossible_mfu_is_reported_as_not_available() -> None:
+    """The issue's numbers: 2674 GFLOP in 7.4 s against a 'peak' of 0.277 TFLOP/s."""
+    from profiling.step_profile import _flops
+    from slip.profile import step_table
+
+    cfg = load_config("slip_vitb16", ["data.batch_size=8"])
+    flops = _flops(cfg, 7400.0, 1, (0.277e12, "measured bfloat16 matmul peak of this cpu"))
+    assert flops["train_flops_per_step"] == pytest.approx(2674e9, rel=1e-3)
+    assert flops["mfu"] is None and "no trustworthy peak" in flops["mfu_note"]
+    config = {
+        "name": "base", "device": "cpu", "world": 1, "batch_size": 8, "steps": 3, "warmup": 1, "loader": "dali-cpu",
+        "stages_ms": {"data_wait": 100.0, "forward": 7300.0}, "step_ms": 7400.0, "wall_ms": 7410.0, "overlapped_comm_ms": 0.0,
+        "samples_per_s": 8 / 7.4, "data_stall": 100 / 7400, "peak_memory_bytes": 2**30,
+        "loader_alone": {"read_ms": 1.0, "decode_augment_ms": 2.0}, **flops,
+    }  # fmt: skip
+    text = step_table({"recipe": "slip_vitb16", "overrides": [], "stages": ["data_wait", "forward"], "configs": [config]})
+    mfu_row = next(line for line in text.splitlines() if line.startswith("MFU "))
+    assert mfu_row.split() == ["MFU", "n/a"]
+    assert "MFU of base: n/a" in text and "no trustworthy peak" in text
+    assert not re.search(r"\b(1[0-9]{2}|[2-9][0-9]{2})\.[0-9]%", text)  # no percentage of 100 or more anywhere
+    ok = _flops(cfg, 7400.0, 1, (989.4e12, "datasheet"))
+    assert 0 < ok["mfu"] < 1 and "mfu_note" not in ok
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -154,7 +222,7 @@ def test_gpu_peak_table_and_measurement() -> None:
     entry = device_peak_flops("cuda", torch.bfloat16)
     if any(k in name for k in ("H100", "H200", "A100")):
         assert entry is not None and entry[0] >= 312e12
-        measured = measured_peak_flops("cuda", torch.bfloat16)
+        measured, _ = measured_peak_flops("cuda", (torch.bfloat16,))
         assert 0.3 * entry[0] < measured < 1.05 * entry[0]
 
 
@@ -177,3 +245,14 @@ def test_fp32_peak_follows_the_tf32_setting(monkeypatch: pytest.MonkeyPatch) -> 
     assert device_peak_flops("cuda", torch.float16)[0] == 312e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
     assert device_peak_flops("cuda", torch.bfloat16) is None
+
+
+def test_a_configuration_that_fails_on_a_write_names_the_path() -> None:
+    """A configuration's failure is a cell of the comparison: an OS error reads as on the command line."""
+    import errno
+
+    from profiling.step_profile import _failure
+
+    path = f"/runs/r{os.getpid()}/checkpoints"
+    assert _failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)) == {"error": f"OSError: {path}: no space left on device"}
+    assert _failure(ValueError("config: bad key\nmore")) == {"error": "ValueError: config: bad key"}
