@@ -33,6 +33,7 @@ from nvidia.dali.pipeline import Pipeline
 
 from pipeline import augment_ops
 from pipeline.augment_config import VIEWS, AugmentConfig
+from pipeline.autograph_files import forget_generated_files
 
 
 def normalize(
@@ -187,7 +188,7 @@ def three_view_graph(
         }
         return (index, *(built[v]() for v in VIEWS if v in views))
 
-    return graph(
+    pipe = graph(
         batch_size=batch_size,
         num_threads=num_threads,
         device_id=device_id if device == "gpu" else None,  # each rank decodes on its own GPU
@@ -202,3 +203,5 @@ def three_view_graph(
         # Spawned, not forked: the parent may hold CUDA, DALI and torch threads by now.
         **({"py_num_workers": source_workers, "py_start_method": "spawn"} if source_workers > 0 else {}),
     )
+    forget_generated_files()  # the conditionals' converted sources, written to the temp directory
+    return pipe

@@ -18,6 +18,7 @@ from trainer.config import Config
 from trainer.dist import DistInfo, pick_device
 from trainer.engine import build_engine, deepspeed_config, init_distributed, parallelize
 from trainer.gradcache import GradCache
+from trainer.launch import launched, local_batch
 from trainer.models import SlipModel, build_model
 from trainer.objectives import get_objective
 from trainer.optim import build_optimizer, peak_lr
@@ -161,17 +162,18 @@ class Built:
 def build(cfg: Config, make_step: Callable[[Config, DistInfo, str], StepParts] = build_step) -> Built:
     """The dataset, the process group and the step of `cfg` (by `make_step`: a profiler's baseline
     may build another). What can be wrong with the config or the data fails first, on every rank
-    and before any process group exists."""
+    and before any process group exists: the launch's rank and world come from the environment."""
     synthetic = cfg.data.loader == "synthetic"
     dataset = None if synthetic else BetonDataset(cfg.data.train)
     device = pick_device(cfg.engine.device)
     if cfg.data.loader == "dali":
         loader_device(cfg, device)
+    launch = launched()
+    local_batch(cfg.data.batch_size, launch.world, cfg.engine.micro_batches)
+    sampler = None
+    if dataset is not None:
+        sampler = EpochSampler(len(dataset), cfg.data.batch_size, seed=cfg.run.seed, rank=launch.rank, world=launch.world)
     dist = init_distributed(device)
-    parts = make_step(cfg, dist, device)
-    try:
-        sampler = None if dataset is None else EpochSampler(len(dataset), cfg.data.batch_size, seed=cfg.run.seed, rank=dist.rank, world=dist.world)
-    except BaseException:
-        parts.close()  # the engine's buffers go with the error, not with the process
-        raise
-    return Built(cfg, dataset, device, parts, sampler)
+    if (dist.rank, dist.world) != (launch.rank, launch.world):
+        raise RuntimeError(f"the process group made this rank {dist.rank} of {dist.world}; RANK and WORLD_SIZE said {launch.rank} of {launch.world}")
+    return Built(cfg, dataset, device, make_step(cfg, dist, device), sampler)

@@ -2,23 +2,27 @@
 
 A recipe is a YAML mapping of sections (`data:`, `model:` ...) to keys. Command-line
 overrides are `section.key=value`, the value parsed as a YAML scalar. Every key and type is
-checked against the dataclasses, so a typo is an error naming the key, never a silent default.
+checked against the dataclasses, so a typo is an error naming the key and where it was set
+(the recipe file or the command line), never a silent default.
+
+Importing this module needs neither torch nor DeepSpeed: a command checks its config, and fails
+on a typo, in a fraction of a second. The registries that name models, objectives and loss
+backends are imported only once everything else in the config has been checked.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kernels.contrastive import BACKENDS
 from pipeline.atomic import write_text_atomic
 from pipeline.augment_config import AugmentConfig
-from trainer.models import SIZES
-from trainer.objectives import OBJECTIVES
 from trainer.recipe import ConfigError, check, coerce, parse_override, read_yaml, resolve_recipe
 
 
@@ -140,8 +144,8 @@ class EngineConfig:
 class EvalConfig:
     every_epochs: float = 0.0  # evaluate during training every this many epochs (and at the end); 0: never
     zeroshot: str = ""  # class-per-folder images or a labelled dataset (`slip demo` sets it); "": no zero-shot
-    classnames: str = ""  # one per line; "" uses classnames.txt beside the folder, else ImageNet's
-    templates: str = ""  # one prompt per line with {}; "" uses templates.txt beside the folder, else CLIP's 80
+    classnames: str = ""  # one per line; "": evaluation.prompts.zeroshot_classnames's rule (the README's)
+    templates: str = ""  # one prompt per line with {}; "": templates.txt in or beside the folder, else CLIP's 80
     retrieval: str = ""  # a converted dataset for image-text recall; "" skips it
     batch_size: int = 256
 
@@ -215,20 +219,31 @@ def require_train_data(cfg: Config, hint: str = "") -> None:
     check(bool(cfg.data.train) or cfg.data.loader == "synthetic", f"config: data.train is empty; set it to a directory written by `slip convert`{hint}")
 
 
-def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """defaults <- recipe file <- `section.key=value` overrides, every key and type checked."""
+COMMAND_LINE = "from the command line"
+
+# Where a section (key None) or one of its keys was set, for the error that names it: "in FILE", "from the command line: k=v".
+Origin = Callable[[str, str | None], str]
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, names: bool = True) -> Config:
+    """defaults <- recipe file <- `section.key=value` overrides, every key and type checked.
+    `names=False` leaves the registered names to `check_registered_names` (which imports torch),
+    for a caller with checks of its own to make first."""
     merged: dict[str, dict[str, Any]] = {}
-    source = "defaults"
+    origins: dict[tuple[str, str | None], str] = {}
     if recipe is not None:
         path = resolve_recipe(recipe)
-        source = str(path)
         for section, values in read_yaml(path).items():
             check(isinstance(values, dict) or values is None, f"config: {path}: section '{section}' must be a mapping")
             merged[section] = dict(values or {})
+            origins.update({(section, key): f"in {path}" for key in merged[section]})
+            origins[(section, None)] = f"in {path}"
     for text in overrides:
         section, key, value = parse_override(text)
         merged.setdefault(section, {})[key] = value
-    return _build(merged, source)
+        origins[(section, key)] = f"{COMMAND_LINE}: {text.strip()}"
+        origins.setdefault((section, None), f"{COMMAND_LINE}: {text.strip()}")
+    return _build(merged, lambda section, key: origins.get((section, key), "defaults"), names=names)
 
 
 def config_from_dict(values: dict[str, Any], source: str = "a saved config") -> Config:
@@ -236,10 +251,15 @@ def config_from_dict(values: dict[str, Any], source: str = "a saved config") -> 
     check(isinstance(values, dict), f"config: {source} must be a mapping of sections")
     for section, keys in values.items():
         check(isinstance(keys, dict), f"config: {source}: section '{section}' must be a mapping")
-    return _build({section: dict(keys) for section, keys in values.items()}, source)
+    return _build({section: dict(keys) for section, keys in values.items()}, lambda section, key: f"in {source}")
 
 
-def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
+def _did_you_mean(section: str, key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean '{section}.{close[0]}'?" if close else ""
+
+
+def _build(merged: dict[str, dict[str, Any]], origin: Origin, names: bool = True) -> Config:
     # A config written before (a run's config.yaml, a checkpoint, exported weights, a recipe made
     # from one) may name the zero-shot data `data.zeroshot`, which an empty `eval.zeroshot` stood for.
     if "zeroshot" in merged.get("data", {}):
@@ -249,14 +269,19 @@ def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
     sections = _section_types()
     built: dict[str, Any] = {}
     for section, values in merged.items():
-        check(section in sections, f"config: unknown section '{section}' (in {source}); known: {', '.join(sections)}")
+        where = origin(section, None)
+        check(section in sections, f"config: unknown section '{section}' ({where}); known: {', '.join(sections)}")
         cls = sections[section]
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in values.items():
             full = f"{section}.{key}"
-            check(key in hints, f"config: unknown key '{full}' (in {source})")
-            kwargs[key] = coerce(full, value, hints[key])
+            where = origin(section, key)
+            check(key in hints, f"config: unknown key '{full}' ({where}){_did_you_mean(section, key, list(hints))}")
+            try:
+                kwargs[key] = coerce(full, value, hints[key])
+            except ConfigError as err:
+                raise ConfigError(f"{err} ({where})") from None
         try:
             built[section] = cls(**kwargs)
         except ConfigError:
@@ -264,15 +289,21 @@ def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
         except ValueError as err:  # sections defined in pipeline/ raise plain ValueError
             raise ConfigError(f"config: {err}") from None
     cfg = Config(**built)
-    _check_registered_names(cfg)
     # ZeRO partitions flattened parameter groups, so LAMB's per-layer trust ratio would be
     # taken per partition; DeepSpeed does not support the pair.
     check(cfg.optim.name != "lamb" or cfg.engine.zero_stage == 0, "config: optim.name lamb needs engine.zero_stage 0 (ZeRO would split LAMB's per-layer trust ratio)")
+    if names:
+        check_registered_names(cfg)
     return cfg
 
 
-def _check_registered_names(cfg: Config) -> None:
-    """Names that select code are checked before anything is built or written."""
+def check_registered_names(cfg: Config) -> None:
+    """Names that select code are checked before anything is built or written. The registries
+    import torch (and timm), so they are read last: every other mistake is reported without them."""
+    from kernels.contrastive import BACKENDS
+    from trainer.models import SIZES
+    from trainer.objectives import OBJECTIVES
+
     for key, value, known in (
         ("model.size", cfg.model.size, SIZES),
         ("model.objective", cfg.model.objective, OBJECTIVES),

@@ -21,6 +21,7 @@ from torch import nn
 
 from kernels.cross_rank_bn import CrossRankBatchNorm1d
 from trainer.dist import DistInfo
+from trainer.launch import local_batch
 
 
 def init_distributed(device: str) -> DistInfo:
@@ -35,7 +36,9 @@ def init_distributed(device: str) -> DistInfo:
     import torch.distributed as tdist
 
     if not tdist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+        # Only the CPU backend maps the buffers; NCCL's set-up keeps what the launcher said.
+        with _without_env("LOCAL_SIZE") if device == "cpu" else contextlib.nullcontext():
+            deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     _share_cores(device)
     if device == "cuda":
@@ -44,6 +47,22 @@ def init_distributed(device: str) -> DistInfo:
     else:
         torch_device = torch.device("cpu")
     return DistInfo(tdist.get_rank(), tdist.get_world_size(), local_rank, torch_device)
+
+
+@contextlib.contextmanager
+def _without_env(name: str) -> Iterator[None]:
+    """`name` unset for the block (DeepSpeed's C++ reads the environment itself), then restored.
+
+    With LOCAL_SIZE equal to the world size (what its launcher sets on one node), DeepSpeed's
+    CPU backend maps a 66 MB `deepspeed_allreduce_buffer_*` file per rank in /dev/shm and never
+    unlinks it: RAM lost to every multi-rank CPU run, however it ended. The buffers serve only
+    `inference_all_reduce`, which training never calls; its gradients go through gloo either way."""
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
 
 
 def _share_cores(device: str) -> None:
@@ -86,11 +105,7 @@ def deepspeed_config(
 ) -> dict[str, Any]:
     """The recipe's engine section as DeepSpeed's config. `micro_batches` > 1 is GradCache
     accumulation: DeepSpeed accumulates that many backward passes per optimizer step."""
-    if global_batch % world:
-        raise ValueError(f"config: data.batch_size {global_batch} is not divisible by {world} ranks")
-    local = global_batch // world
-    if local % micro_batches:
-        raise ValueError(f"config: the local batch {local} is not divisible by engine.micro_batches {micro_batches}")
+    local = local_batch(global_batch, world, micro_batches)
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage > 0:
         # Overlapping the gradient reduction with backward needs a CUDA stream.

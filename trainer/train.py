@@ -1,22 +1,32 @@
 """Training's entry point: `slip train` and, for several processes, DeepSpeed's launcher
 (`deepspeed --num_gpus N --module trainer.train --config RECIPE [k=v ...]`; the launcher spells
-python's -m as --module)."""
+python's -m as --module).
+
+The config is read and checked against the launch (its world size) before torch, DALI or
+DeepSpeed is imported and before any process group exists: a mistake costs a fraction of a
+second, not the minute it takes every rank to import, join the group and build the model. Such
+a mistake is the same on every rank of a node, so only the node's first rank reports it.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from pipeline.command import USER_ERRORS, quiet_under_ci, report
-from trainer.config import load_config, require_train_data
-from trainer.loop import TrainingStopped, train
+from pipeline.command import USER_ERRORS, exit_code, quiet_under_ci, report
+from trainer.config import check_registered_names, load_config, require_train_data
+from trainer.launch import launched, local_batch
 
 EXIT_STOPPED = 3  # the run stopped itself (non-finite losses) after checkpointing
 
 
 def run(recipe: str, overrides: list[str]) -> int:
     """Train the recipe with its overrides; print where the run ended (rank 0). Returns the exit code."""
-    cfg = load_config(recipe, overrides)
+    cfg = load_config(recipe, overrides, names=False)
     require_train_data(cfg)
+    local_batch(cfg.data.batch_size, launched().world, cfg.engine.micro_batches)
+    check_registered_names(cfg)  # the registries import torch and timm: last
+    from trainer.loop import TrainingStopped, train  # torch, DALI, FFCV: seconds, so only for a valid config
+
     try:
         result = train(cfg)
     except TrainingStopped as stopped:
@@ -32,6 +42,25 @@ def run(recipe: str, overrides: list[str]) -> int:
     return 0
 
 
+def _group_exists() -> bool:
+    """Whether this process has joined a process group (without importing torch to find out)."""
+    tdist = sys.modules.get("torch.distributed")
+    return tdist is not None and tdist.is_available() and tdist.is_initialized()
+
+
+def report_once(err: BaseException) -> int:
+    """A user error reported in one line. Before the process group exists every rank of a node
+    found the same mistake, and only the node's first rank prints it; after, each rank's error
+    may be its own, and each prints."""
+    if _group_exists():
+        return report(err)
+    try:
+        reports = launched().reports
+    except ValueError:
+        reports = True
+    return report(err) if reports else exit_code(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_under_ci()
     parser = argparse.ArgumentParser(prog="trainer.train", description="train from a recipe (the launcher's entry point; `slip train` in one process)")
@@ -42,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args.config, args.overrides)
     except USER_ERRORS as err:
-        return report(err)
+        return report_once(err)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ pytestmark = pytest.mark.slow
 def test_the_check_runs_on_the_cpu_and_says_what_it_skipped(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "CI": "true", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--out", str(out), "--work", str(tmp_path / "work")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    # The budgets are sized for a GPU node; a loaded 2-core CI machine gets ample room, since what
+    # is tested here is what the check runs and reports, not how fast.
+    command = [sys.executable, "tools/gpu_check.py", "--out", str(out), "--work", str(tmp_path / "work"), "--budget-scale", "6"]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = ["1-env", "2-tests", "3-loss", "4-step", "5-pipeline"]
     reports = {n: json.loads((out / f"{n}.json").read_text()) for n in names}

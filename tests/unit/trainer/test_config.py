@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config import Config, load_config
+from trainer.config import Config, check_registered_names, load_config
+from trainer.launch import local_batch
 from trainer.recipe import CONFIG_DIR, ConfigError
 
 PAPER_RECIPES = {
@@ -153,3 +154,42 @@ def test_a_config_written_with_data_zeroshot_still_loads(tmp_path: Path) -> None
     recipe.write_text("data:\n  zeroshot: /data/zs\neval:\n  zeroshot: /data/other\n")
     assert load_config(str(recipe)).eval.zeroshot == "/data/other"  # the newer key wins where both are set
     assert load_config(str(recipe), ["eval.zeroshot="]).eval.zeroshot == "/data/zs"
+
+
+def test_a_mistake_names_where_it_was_made(tmp_path: Path) -> None:
+    """A key set on the command line is blamed on the command line, one set in a file on the file."""
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("data:\n  batch_size: 8\n  thraeds: 2\noptim:\n  lr: fast\n")
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny_cpu", ["data.bogus=1"])
+    assert str(err.value) == "config: unknown key 'data.bogus' (from the command line: data.bogus=1)"
+    with pytest.raises(ConfigError, match=r"unknown section 'dat' \(from the command line: dat.threads=2\)"):
+        load_config("tiny_cpu", ["dat.threads=2"])
+    with pytest.raises(ConfigError) as err:
+        load_config(str(recipe))
+    assert str(err.value) == f"config: unknown key 'data.thraeds' (in {recipe}); did you mean 'data.threads'?"
+    recipe.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(recipe))
+    assert str(err.value) == f"config: optim.lr must be a number, got 'fast' (in {recipe})"
+    # The command line's value replaces the file's, and with it the blame.
+    with pytest.raises(ConfigError, match=r"optim.lr must be a number, got 'slow' \(from the command line: optim.lr=slow\)"):
+        load_config(str(recipe), ["optim.lr=slow"])
+    assert load_config(str(recipe), ["optim.lr=0.5"]).optim.lr == 0.5
+
+
+def test_registered_names_can_be_checked_last() -> None:
+    cfg = load_config("tiny_cpu", ["model.size=vitz16"], names=False)
+    with pytest.raises(ConfigError, match="model.size 'vitz16' is not one of"):
+        check_registered_names(cfg)
+
+
+@pytest.mark.parametrize(
+    "batch,world,micro,fragment",
+    [(15, 2, 1, "data.batch_size 15 is not divisible by 2 ranks"), (12, 2, 4, "the local batch 6 (12 over 2 ranks) is not divisible by engine.micro_batches 4")],
+)
+def test_a_batch_that_does_not_split_is_a_config_error(batch: int, world: int, micro: int, fragment: str) -> None:
+    with pytest.raises(ValueError) as err:
+        local_batch(batch, world, micro)
+    assert fragment in str(err.value)
+    assert local_batch(24, 3, 4) == 8
