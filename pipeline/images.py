@@ -16,7 +16,7 @@ Normalised (the sample is kept):
 - a longest side above max_side is resized to max_side (area averaging, aspect ratio kept);
 - of an animated or multi-page file (GIF, APNG, TIFF) only the first frame is kept.
 
-Skipped, raising BadSample with the manifest's counter key:
+Skipped, raising BadSample with the manifest's counter key (pipeline/skips.py defines them all):
 - empty_file: zero bytes;
 - too_large: the header claims more than MAX_PIXELS pixels (a decompression bomb). Checked
   from the header, before any pixel is decoded, whatever PIL.Image.MAX_IMAGE_PIXELS says
@@ -38,11 +38,12 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.skips import MAX_PIXELS, MIN_SIDE
+
 # Conversion runs one process per core; OpenCV's own thread pool would only oversubscribe them.
 cv2.setNumThreads(1)
 
-MAX_PIXELS = 1 << 26  # 67 Mpx: past this a header is treated as a decompression bomb
-MIN_SIDE = 8  # smaller images carry nothing a 224 px crop can use
+__all__ = ["MAX_PIXELS", "MIN_SIDE", "BadSample", "EncodedImage", "normalize_image"]
 
 
 class BadSample(ValueError):
@@ -50,7 +51,7 @@ class BadSample(ValueError):
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from pipeline.reader import BetonDataset
 from pipeline.schema import read_manifest, sha256_file
+from pipeline.skips import SKIP_LOG
 from pipeline.text import tokenize
 
 
@@ -46,6 +47,12 @@ def verify(directory: str | Path, *, progress: bool = True, max_reports: int = 2
         for s in manifest["shards"]
         if sha256_file(directory / s["file"]) != s["sha256"]
     ]
+    log, skipped = directory / SKIP_LOG, sum(manifest["skipped"].values())
+    if log.is_file():  # datasets converted before the log have none
+        with open(log, "rb") as f:
+            logged = sum(1 for _ in f)
+        if logged != skipped:
+            problems.append(f"{log}: names {logged} skipped records; the manifest counts {skipped}")
     ds = BetonDataset(directory)
     ids = ds.ids()
     if len(ids) != len(ds):

@@ -1,7 +1,10 @@
 """Dataset layouts, one small module each, all yielding `Sample`s (or `Skip`s) in a stable order.
 
 A source only parses annotations and says where each image is; reading the bytes is left to
-the converter's workers (`read_image`), so that many files are read in parallel.
+the converter's workers (`read_image`), so that many files are read in parallel. Its
+`iter_samples` returns `Records`: nothing is opened before the first record is asked for, and
+then the source says how many records to expect, for the converter's progress bar.
+Skip reasons are those of pipeline/skips.py.
 """
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ import json
 import os
 import stat
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from pipeline.skips import MAX_FILE_BYTES
 
 # Where an image's encoded bytes are: the bytes themselves (e.g. from a tar stream), a file
 # path, or (zip archive path, member name).
@@ -29,14 +34,24 @@ class Skip(NamedTuple):
     """A record the source could not turn into a sample; counted by `reason` in the manifest."""
 
     uid: str
-    reason: str  # e.g. "malformed_annotation"
+    reason: str  # a key of pipeline.skips.SKIPPED, e.g. "malformed_annotation"
 
 
 class SourceError(ValueError):
     """A source that cannot be read at all; the message is one line naming the file."""
 
 
-MAX_FILE_BYTES = 1 << 28  # 256 MiB: no training image is larger; a bigger "image" is read no further
+class Records(Iterator[Sample | Skip]):
+    """A source's records, read lazily. `total`: how many records the source will yield, set
+    by `read` once it has read its annotations and before its first record; None while it has
+    not, or where it cannot tell without reading everything. Only progress bars read it."""
+
+    def __init__(self, read: Callable[[Records], Iterator[Sample | Skip]]) -> None:
+        self.total: int | None = None
+        self._records = read(self)  # a generator: it runs from the first next()
+
+    def __next__(self) -> Sample | Skip:
+        return next(self._records)
 
 
 def join_under(root: Path, relative: str) -> str | None:

@@ -2,11 +2,14 @@
 
 Either a `.npy` array of dicts, `{"image_id": 1510438788, "captions": [...]}` (CC3M) or
 `{"image_name": "0.jpg", "image_id": 0, "captions": [...]}` (CC12M), or a `.tsv` of
-`caption<TAB>path` lines, one caption per line, paths relative to the image root.
+`caption<TAB>path` lines, one caption per line, paths relative to the image root: lines naming
+the same path are one image's captions (pipeline/sources/rows.py). An entry of the .npy that
+repeats an earlier one's id is duplicate_id, counted by the converter.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import numbers
 import pickle
 from collections.abc import Iterator
@@ -15,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.sources import Sample, Skip, SourceError, join_under, sample_under
+from pipeline.sources import Records, Sample, Skip, SourceError, join_under, sample_under
+from pipeline.sources.rows import Row, grouped
 
 NAME = "cc"
 HELP = "Conceptual Captions CC3M/CC12M: an image root and a .npy of dicts or a caption<TAB>path .tsv"
@@ -34,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def from_args(args: argparse.Namespace) -> Iterator[Sample | Skip]:
+def from_args(args: argparse.Namespace) -> Records:
     return iter_samples(root=args.root, annotations=args.annotations)
 
 
@@ -61,7 +65,7 @@ def _npy_entry(root: Path, entry: Any) -> tuple[str, str, list[str]] | None:
     return None
 
 
-def _iter_npy(root: Path, path: Path) -> Iterator[Sample | Skip]:
+def _iter_npy(root: Path, path: Path, records: Records) -> Iterator[Sample | Skip]:
     try:
         # allow_pickle only because this is the reference's own annotation format, produced by
         # the user's download scripts; it runs arbitrary code, so never point it at untrusted files.
@@ -70,6 +74,7 @@ def _iter_npy(root: Path, path: Path) -> Iterator[Sample | Skip]:
         raise SourceError(f"{path}: not a readable .npy ({type(err).__name__})") from None
     if not isinstance(entries, np.ndarray) or entries.ndim != 1:
         raise SourceError(f"{path}: expected a 1-d array of dicts, got {type(entries).__name__}")
+    records.total = len(entries)
     for i, entry in enumerate(entries):
         parsed = _npy_entry(root, entry)
         if parsed is None:
@@ -78,7 +83,7 @@ def _iter_npy(root: Path, path: Path) -> Iterator[Sample | Skip]:
             yield Sample(*parsed)
 
 
-def _iter_tsv(root: Path, path: Path) -> Iterator[Sample | Skip]:
+def _tsv_rows(path: Path) -> Iterator[Row | Skip]:
     # newline="\n": a stray "\r" inside a caption must not split the line in two.
     with open(path, encoding="utf-8", errors="replace", newline="\n") as f:
         for lineno, line in enumerate(f, start=1):
@@ -91,11 +96,14 @@ def _iter_tsv(root: Path, path: Path) -> Iterator[Sample | Skip]:
                 yield Skip(f"{path.name}:{lineno}", "malformed_annotation")
                 continue
             caption, rel = fields
-            yield sample_under(root, rel, rel, [caption])
+            yield Row(rel, caption)
 
 
-def iter_samples(*, root: str | Path, annotations: str | Path) -> Iterator[Sample | Skip]:
-    root, path = Path(root), Path(annotations)
+def iter_samples(*, root: str | Path, annotations: str | Path) -> Records:
+    return Records(functools.partial(_read, Path(root), Path(annotations)))
+
+
+def _read(root: Path, path: Path, records: Records) -> Iterator[Sample | Skip]:
     if not path.is_file():
         raise SourceError(f"{path}: no such annotation file")
     if path.suffix.lower() not in (".npy", ".tsv"):
@@ -103,6 +111,7 @@ def iter_samples(*, root: str | Path, annotations: str | Path) -> Iterator[Sampl
     if not root.is_dir():
         raise SourceError(f"{root}: no such image directory")
     if path.suffix.lower() == ".npy":
-        yield from _iter_npy(root, path)
+        yield from _iter_npy(root, path, records)
     else:
-        yield from _iter_tsv(root, path)
+        rows = functools.partial(_tsv_rows, path)
+        yield from grouped(rows, lambda rel, captions: sample_under(root, rel, rel, captions), records, str(path))

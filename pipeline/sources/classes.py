@@ -10,11 +10,12 @@ keep schema v1 and stay readable by FFCV's own Loader. The caption of an image i
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.sources import Sample, SourceError
+from pipeline.sources import Records, Sample, SourceError
 from pipeline.sources.folder import IMAGE_SUFFIXES, read_captions
 
 NAME = "classes"
@@ -59,18 +60,22 @@ def manifest_extra(args: argparse.Namespace) -> dict[str, Any]:
     return extra
 
 
-def from_args(args: argparse.Namespace) -> Iterator[Sample]:
+def from_args(args: argparse.Namespace) -> Records:
     return iter_samples(args.images, classnames(args.images, args.classnames))
 
 
-def iter_samples(images: str | Path, names: list[str] | None = None) -> Iterator[Sample]:
-    root = Path(images)
+def iter_samples(images: str | Path, names: list[str] | None = None) -> Records:
+    return Records(functools.partial(_read, Path(images), names))
+
+
+def _read(root: Path, names: list[str] | None, records: Records) -> Iterator[Sample]:
     classes = class_list(root)
     names = names or classes
-    for cls, name in zip(classes, names):
-        folder = root / cls
-        # The files directly in the class folder, as DALI's file reader takes them from a folder tree.
-        for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    # The files directly in each class folder, as DALI's file reader takes them from a folder tree.
+    files = [sorted(p for p in (root / c).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) for c in classes]
+    records.total = sum(map(len, files))
+    for cls, name, paths in zip(classes, names, files):
+        for path in paths:
             uid = f"{cls}/{path.stem}"  # the label is in the id
             yield Sample(uid, str(path), read_captions(path.with_suffix(".txt")) or [name])
 

@@ -6,6 +6,7 @@ tarfile's streaming mode (no seeking, no index, works on any file-like stream).
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -14,7 +15,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.sources import Sample, Skip, SourceError
+from pipeline.sources import Records, Sample, Skip, SourceError
 
 NAME = "wds"
 HELP = "webdataset .tar shards (img2dataset output): key.jpg with key.txt and/or key.json captions"
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def from_args(args: argparse.Namespace) -> Iterator[Sample | Skip]:
+def from_args(args: argparse.Namespace) -> Records:
     return iter_samples(shards=args.shards)
 
 
@@ -97,16 +98,38 @@ def _sample(uid: str, files: dict[str, bytes]) -> Sample | Skip:
     return Sample(uid, image, captions)
 
 
-def iter_samples(*, shards: str | Path) -> Iterator[Sample | Skip]:
+def _without_suffix(name: str) -> str:
+    return next((name[: -len(s)] for s in TAR_SUFFIXES if name.endswith(s)), name)
+
+
+def _expected_samples(paths: list[Path]) -> int | None:
+    """The samples img2dataset says it wrote (`NNNNN_stats.json` beside each shard); None when a
+    shard has no such file: counting a tar's members means reading it whole."""
+    total = 0
+    for shard in paths:
+        try:
+            stats = json.loads(shard.with_name(f"{_without_suffix(shard.name)}_stats.json").read_bytes())
+            total += int(stats["successes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return total
+
+
+def iter_samples(*, shards: str | Path) -> Records:
+    return Records(functools.partial(_read, shards))
+
+
+def _read(shards: str | Path, records: Records) -> Iterator[Sample | Skip]:
     paths = find_shards(shards)
     for shard in paths:
         _check_opens(shard)
+    records.total = _expected_samples(paths)
     common = Path(os.path.commonpath([p.parent for p in paths])) if len(paths) > 1 else paths[0].parent
     for shard in paths:
         # The shard's path below the shards' common folder, suffix dropped: `a/00000.tar` and
         # `b/00000.tar`, or `train.000.tar` and `train.001.tar`, never give the same uids.
         name = shard.relative_to(common).as_posix()
-        stem = next((name[: -len(s)] for s in TAR_SUFFIXES if name.endswith(s)), name)
+        stem = _without_suffix(name)
         try:
             with tarfile.open(shard, "r|*") as tar:
                 for key, files in _groups(tar):

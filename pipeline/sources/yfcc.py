@@ -3,18 +3,20 @@
 The layout and the index arithmetic follow the reference's `yfcc_loader` (facebookresearch/SLIP
 datasets.py and its README, section 1.1): the index is zero-padded to 8 digits, split 2 / 3 / rest.
 Metadata is the reference's `yfcc15m.pkl` (a list of (index, title, description) tuples, as its
-make_dataset.py writes it) or a CSV with the header `index,title,description`.
+make_dataset.py writes it) or a CSV with the header `index,title,description`. One record per
+photo: a repeated index is duplicate_id, counted by the converter.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.sources import Sample, Skip, SourceError, csv_rows
+from pipeline.sources import Records, Sample, Skip, SourceError, csv_rows
 
 NAME = "yfcc"
 HELP = "YFCC15M: root/images/NN/NNN.zip archives and the yfcc15m.pkl (or index,title,description CSV) metadata"
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def from_args(args: argparse.Namespace) -> Iterator[Sample | Skip]:
+def from_args(args: argparse.Namespace) -> Records:
     return iter_samples(root=args.root, metadata=args.metadata)
 
 
@@ -49,22 +51,34 @@ def _record(root: Path, index: Any, title: Any, description: Any) -> Sample | No
     return Sample(f"{index:08d}", image_ref(root, index), captions)
 
 
-def _iter_pickle(root: Path, path: Path) -> Iterator[Sample | Skip]:
+def _iter_pickle(root: Path, path: Path, records: Records) -> Iterator[Sample | Skip]:
     try:
         # pickle only because this is the reference's own metadata format, written by its
         # make_dataset.py on the user's machine; unpickling runs code, so never load untrusted files.
         with open(path, "rb") as f:
-            records = pickle.load(f)
+            rows = pickle.load(f)
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, ValueError) as err:
         raise SourceError(f"{path}: not a readable pickle ({type(err).__name__})") from None
-    if not isinstance(records, (list, tuple)):
-        raise SourceError(f"{path}: expected a list of (index, title, description), got {type(records).__name__}")
-    for i, record in enumerate(records):
+    if not isinstance(rows, (list, tuple)):
+        raise SourceError(f"{path}: expected a list of (index, title, description), got {type(rows).__name__}")
+    records.total = len(rows)
+    for i, record in enumerate(rows):
         sample = _record(root, *record) if isinstance(record, (list, tuple)) and len(record) == 3 else None
         yield sample if sample is not None else Skip(f"{path.name}#{i}", "malformed_annotation")
 
 
-def _iter_csv(root: Path, path: Path) -> Iterator[Sample | Skip]:
+def _estimated_rows(path: Path) -> int:
+    """Rows below the header, from the first MiB's line length: reading 15 million rows twice
+    to draw a progress bar would cost more than the bar is worth."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    lines = head.count(b"\n") + (not head.endswith(b"\n") and len(head) == size)
+    return max(0, round(lines * size / max(1, len(head))) - 1)
+
+
+def _iter_csv(root: Path, path: Path, records: Records) -> Iterator[Sample | Skip]:
+    records.total = _estimated_rows(path)
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
         reader = csv.reader(f)
         header = [h.strip().lower() for h in next(reader, [])]
@@ -78,15 +92,18 @@ def _iter_csv(root: Path, path: Path) -> Iterator[Sample | Skip]:
             yield sample if sample is not None else Skip(f"{path.name}:{reader.line_num}", "malformed_annotation")
 
 
-def iter_samples(*, root: str | Path, metadata: str | Path) -> Iterator[Sample | Skip]:
-    root, path = Path(root), Path(metadata)
+def iter_samples(*, root: str | Path, metadata: str | Path) -> Records:
+    return Records(functools.partial(_read, Path(root), Path(metadata)))
+
+
+def _read(root: Path, path: Path, records: Records) -> Iterator[Sample | Skip]:
     if not path.is_file():
         raise SourceError(f"{path}: no such metadata file")
     if not (root / "images").is_dir():
         raise SourceError(f"{root / 'images'}: no such image directory")
     if path.suffix.lower() == ".csv":
-        yield from _iter_csv(root, path)
+        yield from _iter_csv(root, path, records)
     elif path.suffix.lower() in (".pkl", ".pickle"):
-        yield from _iter_pickle(root, path)
+        yield from _iter_pickle(root, path, records)
     else:
         raise SourceError(f"{path}: expected a .pkl or .csv metadata file")

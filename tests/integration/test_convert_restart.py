@@ -42,7 +42,7 @@ def _convert(images: Path, out: Path, *extra: str, workers: int = 1) -> subproce
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name.startswith("shard-")}
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name.startswith(("shard-", "skipped."))}
 
 
 def _listed_shards(out: Path) -> int:
@@ -107,6 +107,8 @@ def test_killed_conversion_resumes_to_the_same_bytes(
         m.pop("seconds")
     assert done == ref
     assert done["skipped"] == {"empty_file": 1} and done["samples"] == N_IMAGES - 1
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert skipped == [{"id": "0007", "reason": "empty_file", "path": str(images / "0007.jpg")}]
 
 
 def test_resume_refuses_other_settings_and_finished_datasets(images: Path, reference: Path, tmp_path: Path) -> None:
@@ -127,6 +129,8 @@ def test_resume_refuses_other_settings_and_finished_datasets(images: Path, refer
     manifest = json.loads((reference / "manifest.json").read_text())
     manifest.update(complete=False, shards=manifest["shards"][:2])
     (partial / "manifest.json").write_text(json.dumps(manifest))
+    # The skip log as far as those shards vouch for it: without it, no shard with a skip is trusted.
+    (partial / "skipped.jsonl").write_bytes((reference / "skipped.jsonl").read_bytes()[: manifest["shards"][1]["skipped_log_bytes"]])
     with pytest.raises(DatasetError, match="different max_side"):
         convert(folder.iter_samples(images), partial, source="folder",
                 options=ConvertOptions(max_side=128, shard_size=SHARD, workers=1), resume=True, progress=False)  # fmt: skip

@@ -280,10 +280,11 @@ def _csv(tmp: Path, rng: np.random.Generator) -> Fixture:
     text = (
         "file,text,source\n"
         'a.jpg,"hello, world",web\n'
-        "b.jpg,,web\n"  # no caption: malformed
+        "b.jpg,,web\n"  # an empty caption is not malformed (b.jpg is missing_file: the image is checked first)
         ",an orphan caption,web\n"  # no image: malformed
         "missing.jpg,never downloaded,web\n"
         "sub/c.jpg,a third   one,web\n"
+        "a.jpg,a second look,web\n"  # a.jpg's second caption, rows apart: yielded here, with both
     )
     path = _write(tmp / "pairs.csv", text)
     return Fixture(
@@ -291,14 +292,14 @@ def _csv(tmp: Path, rng: np.random.Generator) -> Fixture:
         {"table": path, "root": root, "image_column": "file", "caption_column": "text"},
         ["--table", str(path), "--root", str(root), "--image-column", "file", "--caption-column", "text"],
         [
-            Sample("a.jpg", str(root / "a.jpg"), ["hello, world"]),
-            Skip("b.jpg", "malformed_annotation"),
+            Sample("b.jpg", str(root / "b.jpg"), [""]),
             Skip("pairs.csv:4", "malformed_annotation"),
             Sample("missing.jpg", str(root / "missing.jpg"), ["never downloaded"]),
             Sample("sub/c.jpg", str(root / "sub" / "c.jpg"), ["a third   one"]),
+            Sample("a.jpg", str(root / "a.jpg"), ["hello, world", "a second look"]),
         ],
-        {"malformed_annotation": 2, "missing_file": 1},
-        [("a.jpg", ["hello, world"], a), ("sub/c.jpg", ["a third   one"], c)],
+        {"malformed_annotation": 1, "missing_file": 2},
+        [("sub/c.jpg", ["a third   one"], c), ("a.jpg", ["hello, world", "a second look"], a)],
     )
 
 
