@@ -54,8 +54,13 @@ def dali_device(encoder: object) -> dict:
     return {"device": "gpu", "device_id": device.index or 0} if device.type == "cuda" else {"device": "cpu"}
 
 
+def progress(iterable: Iterable | None = None, *, total: int, desc: str, unit: str) -> tqdm:
+    """A transient bar on stderr, quiet under CI."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=os.environ.get("CI") == "true")
+
+
 def batch_bar(iterable: Iterable, total: int, desc: str) -> Iterator:
-    return iter(tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, disable=os.environ.get("CI") == "true"))
+    return iter(progress(iterable, total=total, desc=desc, unit="batch"))
 
 
 @contextlib.contextmanager

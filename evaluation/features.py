@@ -5,11 +5,13 @@ Features are L2-normalised in fp32, on the encoder's device.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from evaluation.encoder import Encoder, ImageEncoder, batch_bar, encoder_device, eval_mode
+from pipeline.eval_view import Skipped
 
 
 def require_text(encoder: object, what: str) -> None:
@@ -27,7 +29,16 @@ def image_features(encoder: ImageEncoder, batches: Iterable[tuple[torch.Tensor, 
         for images, key in batch_bar(batches, total, desc):
             feats.append(F.normalize(encoder.encode_image(images.to(device)).float(), dim=-1))  # (b, d), on the encoder's device
             keys.append(key)
+    if not feats:  # every image was skipped; the caller says so
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
     return torch.cat(feats), torch.cat(keys)
+
+
+def require_images(n: int, where: str | Path, skipped: Skipped) -> None:
+    """One line when no image of `where` could be decoded: there is nothing to measure."""
+    if n == 0:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.by_reason.items())) or "no image files"
+        raise ValueError(f"{where}: no image could be decoded ({reasons}); first: {'; '.join(skipped.first) or 'none'}")
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """What zero-shot classification says to the text tower: class names and prompt templates."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipeline.eval_view import LabelledImages
@@ -19,7 +20,7 @@ def default_classnames(n_classes: int) -> list[str]:
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     if n_classes != len(IMAGENET_CLASSNAMES):
-        raise ValueError(f"the data has {n_classes} classes, not ImageNet's {len(IMAGENET_CLASSNAMES)}: give --classnames")
+        raise ValueError(f"the data has {n_classes} classes, not ImageNet's {len(IMAGENET_CLASSNAMES)}")
     return list(IMAGENET_CLASSNAMES)
 
 
@@ -42,10 +43,49 @@ def fill(template: str, name: str) -> str:
     return template.replace("{}", name)
 
 
+# Files a zero-shot set may carry, in its folder or beside it (the demo dataset writes both).
+CLASSNAMES_FILE, TEMPLATES_FILE = "classnames.txt", "templates.txt"
+_WORDNET_ID = re.compile(r"n\d{8}")
+
+
+def _carried(data: LabelledImages, name: str) -> Path | None:
+    """`name` in the data's folder, else beside it."""
+    for folder in (data.path, data.path.parent):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def readable(folder: str) -> str:
+    """A class folder's name as a prompt says it: `coffee_mug` -> `coffee mug`."""
+    return " ".join(folder.replace("_", " ").split())
+
+
 def zeroshot_classnames(data: LabelledImages, given: list[str] | None) -> list[str]:
-    """The names prompts are made of: `given`, else those a labelled .beton recorded (a folder
-    records none), else ImageNet's; one per class of the data."""
-    names = given or data.classnames or default_classnames(len(data.classes))
+    """The class names prompts are made of, one per class of the data, in label order. The first of:
+    `given` (`--classnames`, `eval.classnames`); the names a converted dataset recorded
+    (`slip convert classes --classnames`); a `classnames.txt` in the data's folder, else beside it;
+    ImageNet's names when the classes are ImageNet's 1000 WordNet ids (n01440764, ...); else the
+    class folder names, underscores read as spaces."""
+    if given:
+        names, source = given, "the given class names"
+    elif data.classnames:
+        names, source = data.classnames, "the dataset's manifest"
+    elif (path := _carried(data, CLASSNAMES_FILE)) is not None:
+        names, source = read_lines(path), str(path)
+    elif len(data.classes) == 1000 and all(_WORDNET_ID.fullmatch(c) for c in data.classes):
+        names, source = default_classnames(len(data.classes)), "ImageNet's class names"
+    else:
+        names, source = [readable(c) for c in data.classes], "the folder names"
     if len(names) != len(data.classes):
-        raise ValueError(f"{data.path}: {len(data.classes)} classes but {len(names)} class names")
+        raise ValueError(f"{data.path}: {len(data.classes)} classes but {len(names)} class names (from {source})")
     return names
+
+
+def zeroshot_templates(data: LabelledImages, given: list[str] | None) -> list[str]:
+    """The prompt templates, by the same rule: `given` (`--templates`, `eval.templates`), else a
+    `templates.txt` in the data's folder or beside it, else CLIP's 80."""
+    if given:
+        return checked_templates(given)
+    path = _carried(data, TEMPLATES_FILE)
+    return checked_templates(read_lines(path) if path is not None else default_templates())

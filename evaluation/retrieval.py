@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.encoder import Encoder, dali_device
-from evaluation.features import image_features, require_text, text_features
+from evaluation.features import image_features, require_images, require_text, text_features
 from pipeline.augment_config import AugmentConfig
-from pipeline.eval_view import iter_beton
+from pipeline.eval_view import Skipped, iter_beton
 from pipeline.reader import BetonDataset
 
 # Query rows per similarity block; 1024 rows x 25k COCO captions x 4 bytes is about 100 MB.
@@ -143,7 +143,10 @@ def eval_retrieval(
     batch_size: int = 256,
     threads: int = 2,
 ) -> dict:
-    """Image-to-text and text-to-image recall@1/5/10 over every caption of a converted dataset."""
+    """Image-to-text and text-to-image recall@1/5/10 over every caption of a converted dataset.
+
+    An image whose stored JPEG cannot be decoded is left out with its captions, so every
+    remaining caption still points at its own image; "skipped" counts them by reason (`Skipped.report`)."""
     require_text(encoder, "retrieval")
     dataset = BetonDataset(data)
     rows, owner = [], []
@@ -152,8 +155,12 @@ def eval_retrieval(
         rows.append(torch.from_numpy(dataset.tokens(i)[:k].astype("int64")))  # (k, 77)
         owner += [i] * k
     texts = text_features(encoder, torch.cat(rows), batch_size=batch_size)  # first: a text-less model fails before any decode
-    batches = iter_beton(dataset, augment, batch_size=batch_size, threads=threads, **dali_device(encoder))
+    skipped = Skipped()
+    batches = iter_beton(dataset, augment, batch_size=batch_size, threads=threads, skipped=skipped, **dali_device(encoder))
     images, order = image_features(encoder, batches, -(-len(dataset) // batch_size), "retrieval: images")
-    position = torch.empty(len(dataset), dtype=torch.int64)  # sample index -> row of `images`
+    require_images(len(images), dataset.directory, skipped)
+    position = torch.full((len(dataset),), -1, dtype=torch.int64)  # sample index -> row of `images`; -1: skipped
     position[order] = torch.arange(len(order))
-    return recall_at_k(images, texts, position[torch.tensor(owner, dtype=torch.int64)])
+    t2i = position[torch.tensor(owner, dtype=torch.int64)]  # (n_txt,)
+    kept = t2i >= 0  # the captions of images that were decoded
+    return {**recall_at_k(images, texts[kept.to(texts.device)], t2i[kept]), **skipped.report()}

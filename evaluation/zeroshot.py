@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.encoder import Encoder, batch_bar, dali_device, encoder_device, eval_mode
-from evaluation.features import require_text
-from evaluation.prompts import checked_templates, default_templates, fill, zeroshot_classnames
+from evaluation.features import require_images, require_text
+from evaluation.prompts import fill, zeroshot_classnames, zeroshot_templates
 from pipeline.augment_config import AugmentConfig
-from pipeline.eval_view import LabelledImages, labelled_images
+from pipeline.eval_view import LabelledImages, Skipped, labelled_images
 from pipeline.text import tokenize
 
 
@@ -35,20 +35,21 @@ def eval_zeroshot(
     templates: list[str] | None = None,
     batch_size: int = 256,
     threads: int = 2,
-) -> dict[str, float]:
-    """Top-1 and top-5 (fractions in 0..1) over every image of a class-per-folder tree or a
-    labelled converted dataset. `classnames` None: as `zeroshot_classnames` picks them;
-    `templates` None: CLIP's 80."""
+) -> dict:
+    """Top-1 and top-5 (fractions in 0..1) over every decodable image of a class-per-folder tree or
+    a labelled converted dataset; "skipped" counts the others by reason (`Skipped.report`). `classnames` and
+    `templates` None: as `zeroshot_classnames` and `zeroshot_templates` pick them."""
     require_text(encoder, "zero-shot classification")
-    templates = checked_templates(templates or default_templates())
     data = data if isinstance(data, LabelledImages) else labelled_images(data)
+    templates = zeroshot_templates(data, templates)
     classnames = zeroshot_classnames(data, classnames)
     device = encoder_device(encoder)
     k = min(5, len(classnames))
     top1 = top5 = total = 0
+    skipped = Skipped()
     with eval_mode(encoder):
         classes = class_embeddings(encoder, classnames, templates, device)  # first: a text-less model fails before any decode
-        batches = data.batches(augment, batch_size=batch_size, threads=threads, **dali_device(encoder))
+        batches = data.batches(augment, batch_size=batch_size, threads=threads, skipped=skipped, **dali_device(encoder))
         for images, labels in batch_bar(batches, -(-data.n_images // batch_size), "zero-shot"):
             feats = F.normalize(encoder.encode_image(images.to(device)).float(), dim=-1)  # (b, d)
             ranked = (feats @ classes.T).topk(k, dim=-1).indices.cpu()  # (b, k)
@@ -56,4 +57,5 @@ def eval_zeroshot(
             top1 += int(hits[:, 0].sum())
             top5 += int(hits.any(dim=-1).sum())
             total += len(labels)
-    return {"top1": top1 / total, "top5": top5 / total, "images": total, "classes": len(classnames)}
+    require_images(total, data.path, skipped)
+    return {"top1": top1 / total, "top5": top5 / total, "images": total, "classes": len(classnames), **skipped.report()}

@@ -2,15 +2,19 @@
 
 Two sources: a class-per-folder tree (ImageNet layout; labels are the indices of the sorted
 sub-folder names) and a converted `.beton` directory (in sample order; labelled when it was
-written by `slip convert classes`). Every image is read exactly once.
+written by `slip convert classes`). Every image is read exactly once, and checked before DALI
+sees it (`image_check.py` for a file, the loader's structural check for a stored JPEG): one that
+fails is left out and counted by reason (`Skipped`), never replaced, so every label stays true
+and DALI's decoder, which can crash the process on some bad input, never meets it.
 
 DALI is imported when a graph is built, not with this module: the config tree and the trainer
 import it, and a node without DALI (the offline bundle's first tier) still trains and profiles.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +23,64 @@ import torch
 
 from pipeline.augment_config import AugmentConfig
 from pipeline.handoff import Handoff
+from pipeline.image_check import UNDECODABLE, read_image
+from pipeline.jpeg_check import OK, REASONS, check_jpeg
 from pipeline.reader import BetonDataset
 from pipeline.schema import MANIFEST
 from pipeline.sources.classes import class_list as class_folders  # one definition of a class tree's classes
 
-# What DALI's file reader picks up in a class folder (its default extensions).
+# The image files of a class folder (DALI's image decoder reads these formats).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".pnm", ".ppm", ".pgm", ".pbm", ".jp2", ".webp"})
+SHOWN = 5  # skipped samples named in a report
+
+
+@dataclass
+class Skipped:
+    """Samples an evaluation left out because they cannot be decoded: counted by reason, the first
+    few named. A skipped sample is dropped, never replaced by another, so every label stays true."""
+
+    by_reason: dict[str, int] = field(default_factory=dict)
+    first: list[str] = field(default_factory=list)  # "<file or sample>: <reason>"
+
+    def add(self, name: str, reason: str) -> None:
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        if len(self.first) < SHOWN:
+            self.first.append(f"{name}: {reason}")
+
+    def extend(self, other: Skipped) -> None:
+        for reason, n in other.by_reason.items():
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + n
+        self.first += other.first[: max(0, SHOWN - len(self.first))]
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def report(self) -> dict:
+        """What a result records: "skipped", {reason: count}, and "skipped_first", the first few named."""
+        return {"skipped": dict(sorted(self.by_reason.items())), "skipped_first": list(self.first)}
+
+
+def folder_files(root: str | Path) -> list[tuple[Path, int]]:
+    """(file, label) for every image file of a class-per-folder tree: the files directly in each
+    class folder, by name, classes in sorted order (as `slip convert classes` reads them)."""
+    out = []
+    for label, name in enumerate(class_folders(root)):
+        try:
+            files = sorted(f for f in (Path(root) / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        except OSError as err:  # a class folder that cannot be listed would silently lose a class
+            raise NotADirectoryError(f"{Path(root) / name}: cannot list the class folder ({err.strerror or err})") from None
+        out += [(f, label) for f in files]
+    return out
 
 
 def count_images(root: str | Path) -> int:
     """Images in a class-per-folder tree, as the reader will see them (for progress bars)."""
-    return sum(
-        1 for name in class_folders(root) for f in (Path(root) / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return len(folder_files(root))
+
+
+# (name for a report, the key returned with the image, a reader giving (bytes, None) or (None, reason)).
+Sample = tuple[str, int, Callable[[], tuple[np.ndarray | None, str | None]]]
 
 
 def iter_folder(
@@ -42,19 +91,47 @@ def iter_folder(
     threads: int = 2,
     device: str = "cpu",
     device_id: int = 0,
+    skipped: Skipped | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images float32 [b, 3, S, S], labels int64 [b]) over the whole folder, the last batch short."""
-    class_folders(root)
-    pipe = _built(lambda fn: fn.readers.file(file_root=str(root), random_shuffle=False, pad_last_batch=True, name="reader"),
-                  augment, batch_size, threads, device, device_id)  # fmt: skip
-    yield from _batches(pipe, pipe.epoch_size("reader"), batch_size, device, device_id)
+    """(images float32 [b, 3, S, S], labels int64 [b]) over every decodable image of the folder, the
+    last batch short. A file that cannot be read or fails `check_image` is left out and counted in
+    `skipped`; its bytes never reach DALI."""
+    samples = ((str(f), label, functools.partial(read_image, f)) for f, label in folder_files(root))
+    yield from _decoded(samples, augment, batch_size, threads, device, device_id, skipped or Skipped())
 
 
-def eval_graph(reader: Callable, augment: AugmentConfig, batch_size: int, threads: int, device: str, device_id: int | None) -> Any:
+def iter_beton(
+    dataset: BetonDataset,
+    augment: AugmentConfig,
+    *,
+    batch_size: int,
+    threads: int = 2,
+    device: str = "cpu",
+    device_id: int = 0,
+    skipped: Skipped | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images float32 [b, 3, S, S], sample indices int64 [b]) over every decodable sample in order,
+    the last batch short. A sample whose stored JPEG fails the loader's structural check is left
+    out and counted in `skipped`."""
+    if len(dataset) == 0:
+        raise ValueError(f"{dataset.directory}: no samples")
+
+    def read(i: int) -> tuple[np.ndarray | None, str | None]:
+        data = dataset.jpeg(i)
+        verdict = check_jpeg(data, *dataset.image_size(i))
+        return (data, None) if verdict == OK else (None, REASONS[verdict])
+
+    samples = ((f"{dataset.shard_path(i)} sample {i}", i, functools.partial(read, i)) for i in range(len(dataset)))
+    yield from _decoded(samples, augment, batch_size, threads, device, device_id, skipped or Skipped())
+
+
+def eval_graph(reader: Callable, augment: AugmentConfig, batch_size: int, threads: int, device: str, device_id: int | None,
+               *, fed: bool = False) -> Any:  # fmt: skip
     """The evaluation view's DALI pipeline, defined but not built: `reader(fn)` gives (encoded
     images, a second output); the images are decoded, their shorter side resized, then center-
     cropped to the training size, as SLIP evaluates. A GPU graph defined with device_id=None can
-    be serialised (its operators checked against DALI's schemas) without CUDA."""
+    be serialised (its operators checked against DALI's schemas) without CUDA. `fed`: the inputs
+    come from `feed_input` one batch at a time (no prefetching), so a failed batch is known."""
     from nvidia.dali import fn, pipeline_def
 
     from pipeline.augment import decode, normalize
@@ -67,54 +144,65 @@ def eval_graph(reader: Callable, augment: AugmentConfig, batch_size: int, thread
         images = fn.resize(decode(jpegs, device), resize_shorter=size, antialias=True)
         return normalize(images, augment, crop=(size, size)), second
 
-    return graph(batch_size=batch_size, num_threads=threads, device_id=device_id if device == "gpu" else None, seed=0)
+    serial = {"prefetch_queue_depth": 1, "exec_async": False, "exec_pipelined": False} if fed else {}
+    return graph(batch_size=batch_size, num_threads=threads, device_id=device_id if device == "gpu" else None, seed=0, **serial)
 
 
-def _built(reader: Callable, augment: AugmentConfig, batch_size: int, threads: int, device: str, device_id: int) -> Any:
-    pipe = eval_graph(reader, augment, batch_size, threads, device, device_id)
-    pipe.build()
-    return pipe
+def _checked(samples: Iterable[Sample], batch_size: int, skipped: Skipped) -> Iterator[list[tuple[str, int, np.ndarray]]]:
+    """Batches of (name, key, bytes) that passed the checks; the others are counted in `skipped`."""
+    batch = []
+    for name, key, read in samples:
+        data, reason = read()
+        if reason is not None:
+            skipped.add(name, reason)
+            continue
+        batch.append((name, key, data))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
-def _batches(pipe, n: int, batch_size: int, device: str, device_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The pipeline's (views, int64 second output) for n samples; the last, padded batch is cut to n.
-    The views are copies: DALI's buffers are released only once the copy has run (`Handoff`)."""
+def _decoded(samples: Iterable[Sample], augment: AugmentConfig, batch_size: int, threads: int, device: str, device_id: int,
+             skipped: Skipped) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """(views [b, 3, S, S], keys int64 [b]) for the samples that pass the checks. Bytes that pass
+    them and still fail DALI's decoder are found by decoding the batch's images one at a time
+    (as the training loader does), skipped as `undecodable`, and the batch is run again without
+    them. The views are copies: DALI's buffers are released once the copy has run (`Handoff`)."""
     handoff = Handoff(torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu"))
+    pipe = None
     try:
-        for start in range(0, n, batch_size):
-            outputs = handoff.run(pipe)
-            images, second = outputs
-            keep = min(n - start, batch_size)
-            x = torch.from_dlpack(images.as_tensor())[:keep].clone()  # (b, 3, S, S)
-            handoff.retire(outputs)
-            y = torch.from_numpy(np.asarray(second.as_cpu().as_tensor()).reshape(-1)[:keep].astype(np.int64))  # (b,)
-            yield x, y
+        for batch in _checked(samples, batch_size, skipped):
+            while batch:
+                if pipe is None:
+                    reader = lambda fn: (fn.external_source(name="encoded"), fn.external_source(name="key"))  # noqa: E731
+                    pipe = eval_graph(reader, augment, batch_size, threads, device, device_id, fed=True)
+                    pipe.build()
+                pipe.feed_input("encoded", [data for _, _, data in batch])
+                pipe.feed_input("key", np.asarray([[key] for _, key, _ in batch], dtype=np.int64))
+                try:
+                    outputs = handoff.run(pipe)
+                except RuntimeError:
+                    from pipeline.loader import dali_decodes
+
+                    verdicts = dali_decodes([data for _, _, data in batch], device, device_id)
+                    if all(verdicts):
+                        raise
+                    for (name, _, _), ok in zip(batch, verdicts):
+                        if not ok:
+                            skipped.add(name, UNDECODABLE)
+                    batch = [item for item, ok in zip(batch, verdicts) if ok]
+                    handoff.close()
+                    pipe = None  # a failed pipeline is not run again
+                    continue
+                images, keys = outputs
+                x = torch.from_dlpack(images.as_tensor()).clone()  # (b, 3, S, S)
+                handoff.retire(outputs)
+                yield x, torch.from_numpy(np.asarray(keys.as_cpu().as_tensor()).reshape(-1).astype(np.int64))  # (b,)
+                batch = []
     finally:
         handoff.close()
-
-
-def iter_beton(
-    dataset: BetonDataset,
-    augment: AugmentConfig,
-    *,
-    batch_size: int,
-    threads: int = 2,
-    device: str = "cpu",
-    device_id: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images float32 [b, 3, S, S], sample indices int64 [b]) over every sample in order, the last batch short."""
-    n = len(dataset)
-    if n == 0:
-        raise ValueError(f"{dataset.directory}: no samples")
-
-    def source(info):  # DALI asks for whole batches by iteration; the tail wraps and is cut below
-        start = info.iteration * batch_size
-        indices = [(start + k) % n for k in range(batch_size)]
-        return [dataset.jpeg(i) for i in indices], np.asarray(indices, dtype=np.int64).reshape(-1, 1)
-
-    pipe = _built(lambda fn: fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True),
-                  augment, batch_size, threads, device, device_id)  # fmt: skip
-    yield from _batches(pipe, n, batch_size, device, device_id)
 
 
 @dataclass
@@ -131,9 +219,11 @@ class LabelledImages:
     def is_beton(self) -> bool:
         return self.dataset is not None
 
-    def batches(self, augment: AugmentConfig, *, batch_size: int, threads: int = 2, device: str = "cpu", device_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images float32 [b, 3, S, S], labels int64 [b]), every image once, the last batch short."""
-        kw = {"batch_size": batch_size, "threads": threads, "device": device, "device_id": device_id}
+    def batches(self, augment: AugmentConfig, *, batch_size: int, threads: int = 2, device: str = "cpu", device_id: int = 0,
+                skipped: Skipped | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """(images float32 [b, 3, S, S], labels int64 [b]), every decodable image once, the last batch
+        short; the others are counted in `skipped`."""
+        kw = {"batch_size": batch_size, "threads": threads, "device": device, "device_id": device_id, "skipped": skipped}
         if self.dataset is None:
             yield from iter_folder(self.path, augment, **kw)
             return

@@ -9,7 +9,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slip.output import emit, percent, stdout_to_stderr
+from slip.helptext import DefaultsShown
+from slip.output import counts, emit, percent, stdout_to_stderr
 
 if TYPE_CHECKING:
     from pipeline.augment_config import AugmentConfig
@@ -36,6 +37,15 @@ def open_model(checkpoint: str | Path, *, image_size: int | None = None) -> tupl
     return model, cfg.augment
 
 
+def _skipped(r: dict) -> str:
+    """The line about images left out, or nothing when none was."""
+    total = sum(r["skipped"].values())
+    if not total:
+        return ""
+    more = "; ..." if total > len(r["skipped_first"]) else ""
+    return f"\nskipped {total} image(s) that cannot be decoded ({counts(r['skipped'])}): {'; '.join(r['skipped_first'])}{more}"
+
+
 def _zeroshot(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig, common: dict) -> tuple[dict, str]:
     from evaluation.prompts import read_lines
     from evaluation.zeroshot import eval_zeroshot
@@ -43,7 +53,8 @@ def _zeroshot(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig
     names = read_lines(args.classnames) if args.classnames else None
     templates = read_lines(args.templates) if args.templates else None
     r = eval_zeroshot(model, augment, args.data, classnames=names, templates=templates, **common)
-    return r, f"zero-shot on {args.data}: top-1 {percent(r['top1'], 2)}, top-5 {percent(r['top5'], 2)} ({r['images']} images, {r['classes']} classes)"
+    return r, (f"zero-shot on {args.data}: top-1 {percent(r['top1'], 2)}, top-5 {percent(r['top5'], 2)} "
+               f"({r['images']} images, {r['classes']} classes){_skipped(r)}")  # fmt: skip
 
 
 def _linear(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig, common: dict) -> tuple[dict, str]:
@@ -56,7 +67,7 @@ def _linear(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig, 
     line = f"linear probe {args.train} -> {args.val}: top-1 {percent(r['top1'], 2)} (l2 {r['l2']:g}, {r['n_train']} train, {r['n_val']} val)"
     if r["at_edge"]:
         line += f"\nnote: l2 {r['l2']:g} is at the end of the grid; a wider --l2 grid may do better"
-    return r, line
+    return r, line + _skipped(r)
 
 
 def _retrieval(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig, common: dict) -> tuple[dict, str]:
@@ -65,7 +76,7 @@ def _retrieval(args: argparse.Namespace, model: SlipModel, augment: AugmentConfi
     r = eval_retrieval(model, augment, args.data, **common)
     both = {direction: ", ".join(f"{k} {percent(v)}" for k, v in r[direction].items()) for direction in ("image_to_text", "text_to_image")}
     return r, (f"retrieval on {args.data} ({r['images']} images, {r['captions']} captions): "
-               f"image->text {both['image_to_text']}; text->image {both['text_to_image']}")  # fmt: skip
+               f"image->text {both['image_to_text']}; text->image {both['text_to_image']}{_skipped(r)}")  # fmt: skip
 
 
 _KINDS = {"zeroshot": _zeroshot, "linear": _linear, "retrieval": _retrieval}
@@ -90,21 +101,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="zero-shot, linear probe or retrieval of a checkpoint")
     kinds = ev.add_subparsers(dest="kind", required=True)
-    zs = kinds.add_parser("zeroshot", help="zero-shot classification of a class-per-folder tree or a labelled dataset")
+    zs = kinds.add_parser("zeroshot", help="zero-shot classification of a class-per-folder tree or a labelled dataset", formatter_class=DefaultsShown)
     zs.add_argument("--data", required=True, help="one sub-folder per class (ImageNet layout), or `slip convert classes` output")
-    zs.add_argument("--classnames", help="one class name per line, in sorted folder order (default: the dataset's, else ImageNet's)")
-    zs.add_argument("--templates", help="one prompt per line with {} for the class (default: CLIP's 80)")
-    lin = kinds.add_parser("linear", help="logistic regression on frozen image features")
+    zs.add_argument("--classnames", help="one class name per line, in sorted folder order (default: the names a converted dataset "
+                    "recorded, else classnames.txt in or beside --data, else ImageNet's for its 1000 WordNet-id folders, "
+                    "else the folder names with _ as spaces)")  # fmt: skip
+    zs.add_argument("--templates", help="one prompt per line with {} for the class (default: templates.txt in or beside --data, else CLIP's 80)")
+    lin = kinds.add_parser("linear", help="logistic regression on frozen image features", formatter_class=DefaultsShown)
     lin.add_argument("--train", required=True, help="class-per-folder training images, or `slip convert classes` output")
     lin.add_argument("--val", required=True, help="validation images in either form (the same classes)")
     lin.add_argument("--l2", help="L2 strengths to choose from, comma-separated (default: 1e-8 ... 1e2, a decade apart)")
-    ret = kinds.add_parser("retrieval", help="image-text recall@1/5/10 on a captioned dataset")
+    ret = kinds.add_parser("retrieval", help="image-text recall@1/5/10 on a captioned dataset", formatter_class=DefaultsShown)
     ret.add_argument("--data", required=True, help="directory written by `slip convert`")
     for p in (zs, lin, ret):
         p.add_argument("--checkpoint", required=True, help="a .safetensors from `slip export`, a run directory, or a SLIP reference .pt")
         p.add_argument("--image-size", type=int, help="evaluation crop (default: the training size; 224 for SLIP's releases)")
-        p.add_argument("--batch-size", type=int, default=256)
-        p.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
+        p.add_argument("--batch-size", type=int, default=256, help="images (or captions) encoded at once")
+        p.add_argument("--threads", type=int, default=2, help="DALI CPU threads for reading and decoding")
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (default: a GPU if there is one)")
         p.add_argument("--json", action="store_true", help="print the figures as JSON")
         p.set_defaults(func=_cmd_eval)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from evaluation.prompts import read_lines, zeroshot_classnames
+from evaluation.prompts import read_lines, zeroshot_classnames, zeroshot_templates
 from evaluation.retrieval import eval_retrieval
 from evaluation.zeroshot import eval_zeroshot
 from pipeline.eval_view import labelled_images
@@ -39,21 +39,22 @@ class PeriodicEval:
             BetonDataset(self.retrieval)  # a bad path fails now, not epochs into the run
 
     def _check_classes(self) -> None:
-        """The class names must fit the data now: an evaluation failing epochs into a multi-rank
+        """The class names and templates must fit the data now: an evaluation failing epochs into a multi-rank
         run would leave the other ranks waiting at its barrier."""
         try:
-            zeroshot_classnames(labelled_images(self.zeroshot), self.classnames)
+            data = labelled_images(self.zeroshot)
+            # Resolved once, here: the prompts each evaluation then uses are the ones checked.
+            self.classnames = zeroshot_classnames(data, self.classnames)
+            self.templates = zeroshot_templates(data, self.templates)
         except ValueError as err:
             raise ValueError(f"config: eval.zeroshot: {err}") from None
 
     def _prompts(self, folder: Path) -> tuple[list[str] | None, list[str] | None]:
-        def pick(given: str, beside: str) -> list[str] | None:
-            if given:
-                return read_lines(given)
-            path = folder.parent / beside
-            return read_lines(path) if path.is_file() else None  # None: the dataset's names, else ImageNet's
+        # None: evaluation's one rule picks them in _check_classes, as `slip eval` does.
+        def pick(given: str) -> list[str] | None:
+            return read_lines(given) if given else None
 
-        return pick(self.cfg.eval.classnames, "classnames.txt"), pick(self.cfg.eval.templates, "templates.txt")
+        return pick(self.cfg.eval.classnames), pick(self.cfg.eval.templates)
 
     def due(self, step: int) -> bool:
         """After `step` steps have run."""
@@ -78,11 +79,13 @@ class PeriodicEval:
         if self.zeroshot and model.parts.text:
             r = eval_zeroshot(model, augment, self.zeroshot, classnames=self.classnames, templates=self.templates,
                               batch_size=b, threads=threads)  # fmt: skip
-            out.update(zeroshot_top1=r["top1"], zeroshot_top5=r["top5"])
+            # Skipped images are logged beside the figures they are missing from.
+            out.update(zeroshot_top1=r["top1"], zeroshot_top5=r["top5"], zeroshot_skipped=sum(r["skipped"].values()))
         if self.retrieval and model.parts.text:
             r = eval_retrieval(model, augment, self.retrieval, batch_size=b, threads=threads)
             out.update({f"retrieval_i2t_{k}": v for k, v in r["image_to_text"].items()})
             out.update({f"retrieval_t2i_{k}": v for k, v in r["text_to_image"].items()})
+            out.update(retrieval_skipped=sum(r["skipped"].values()))
         return out
 
     def _gathered_copy(self, engine: Any) -> SlipModel | None:

@@ -226,6 +226,7 @@ def test_evaluation_during_training_is_logged_with_the_step(raw: Path, tmp_path:
     evaluated = [r["step"] for r in records if "zeroshot_top1" in r]
     assert evaluated == [1, 3, 4]  # after every 2 steps (one epoch) and at the end
     assert all(0 <= r["zeroshot_top1"] <= r["zeroshot_top5"] <= 1 for r in records if "zeroshot_top1" in r)
+    assert all(r["zeroshot_skipped"] == 0 for r in records if "zeroshot_top1" in r)  # logged beside the figures
     with pytest.raises(ValueError, match="nothing to evaluate"):
         train(load_config("tiny_cpu", [*overrides[:-2], "eval.zeroshot=", "run.name=f"]), progress=False)
     # Under ZeRO-3 rank 0 evaluates a gathered copy; the training losses are those of a run without evaluation.
