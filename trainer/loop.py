@@ -8,18 +8,21 @@ that is killed and resumed computes the same losses as one that was not.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.build import Built, StepParts, build
-from trainer.checkpoint import CheckpointManager, Resumed, check_resumable
+from trainer.checkpoint import CheckpointManager, Resumed, check_resumable, warn_fallback
 from trainer.config import Config
 from trainer.dist import DistInfo, agree, reduce_mean
 from trainer.engine import linear_restored, set_lr
@@ -71,6 +74,15 @@ class _StopRequests:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, initial: int, desc: str, *, quiet: bool) -> Iterator[tqdm]:
+    """The run's bar. Warnings logged under `slipstream` while it is drawn (a corrupt sample
+    replaced by the loader) are written above it, each on its own line, not glued onto the bar's."""
+    with tqdm(total=total, initial=initial, desc=desc, unit="step", disable=quiet) as bar:
+        with logging_redirect_tqdm([logging.getLogger("slipstream")]):
+            yield bar
 
 
 class Stages(Protocol):
@@ -140,12 +152,15 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
 def _resume(cfg: Config, built: Built, checkpoints: CheckpointManager) -> Resumed | None:
     """The latest checkpoint loaded into the engine (and the torch RNG), or None for a fresh run."""
     if not cfg.run.resume:
-        if checkpoints.latest_pointer.exists():
-            raise ValueError(f"config: {cfg.run_dir} already holds checkpoints; set run.resume=true or use another run.name")
+        if checkpoints.holds_checkpoints():
+            raise ValueError(f"config: {cfg.run_dir} already holds checkpoints; set run.resume=true to continue them, "
+                             f"give run.name another name to start a new run, or remove {checkpoints.directory} to start this one over")  # fmt: skip
         return None
     resumed = checkpoints.resume(built.parts.engine, check=lambda meta, where: check_resumable(cfg, built.dist.world, meta, where))
     if resumed is not None and resumed.rank_state is not None:
         torch.set_rng_state(resumed.rank_state["torch_rng"])
+    if resumed is not None and built.dist.is_main:
+        warn_fallback(resumed.damaged, resumed.path)
     return resumed
 
 
@@ -156,6 +171,7 @@ class _Run:
         self.cfg, self.built, self.checkpoints = cfg, built, checkpoints
         self.dist, self.parts = built.dist, built.parts
         self.start = resumed.step if resumed else 0
+        self.resumed_path = resumed.path if resumed else None
         self.counters = {"nonfinite_skipped": 0, "nonfinite_in_a_row": 0, **(resumed.meta.get("counters", {}) if resumed else {})}
         rank_state = resumed.rank_state if resumed else None
         self.plan: StepPlan = plan_steps(cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.steps, built.steps_per_epoch)
@@ -169,7 +185,7 @@ class _Run:
     def run(self, progress: bool) -> TrainResult:
         cfg, dist = self.cfg, self.dist
         step, stopped_by_signal = self.start, False
-        self.logger, bar = None, None
+        self.logger = None
         try:
             # Everything is built: only now does the run directory get its files.
             if dist.is_main:
@@ -179,9 +195,12 @@ class _Run:
                 cfg.run_dir, enabled=dist.is_main, start_step=self.start, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
                 wandb_project=cfg.run.wandb_project, config=cfg.to_dict(),
             )  # fmt: skip
+            if self.resumed_path is not None and dist.is_main:
+                epoch = self.start / self.plan.steps_per_epoch
+                print(f"resumed from {self.resumed_path} at step {self.start} of {self.plan.total} (epoch {epoch:.2f})", flush=True)
             quiet = not progress or not dist.is_main or os.environ.get("CI") == "true"
-            bar = tqdm(total=self.plan.total, initial=self.start, desc=f"train {cfg.model.objective}-{cfg.model.size}", unit="step", disable=quiet)
-            with _StopRequests() as stop:
+            desc = f"train {cfg.model.objective}-{cfg.model.size}"
+            with progress_bar(self.plan.total, self.start, desc, quiet=quiet) as bar, _StopRequests() as stop:
                 while step < self.plan.total and not stopped_by_signal:
                     stopped_by_signal = self._step(step, stop.requested)
                     step += 1
@@ -190,8 +209,6 @@ class _Run:
                         bar.set_postfix(loss=f"{self.last['loss']:.3f}", samples_s=f"{self.samples_per_s:.0f}")
                     self._checkpoint(step, stopped_by_signal)
         finally:
-            if bar is not None:
-                bar.close()
             if self.logger is not None:
                 self.logger.close()
             self.loader.close()  # DALI's threads and source workers, even when the run stops by exception
@@ -227,7 +244,7 @@ class _Run:
             self._save(step + 1)
             raise TrainingStopped(
                 f"{self.counters['nonfinite_in_a_row']} non-finite losses in a row at step {step}; "
-                f"checkpoint {cfg.run_dir / 'checkpoints'} holds the last finite weights"
+                f"checkpoint {cfg.run_dir / 'checkpoints'} holds the last finite weights: run again with a lower optim.lr to resume from it"
             )
         return stop_now
 

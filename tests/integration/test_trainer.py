@@ -157,6 +157,35 @@ sys.exit(main(["train", "--config", "tiny_cpu", *{overrides!r}]))
     assert sorted(d.name for d in checkpoints.glob("step-*")) == ["step-00000002", "step-00000004", "step-00000006"]
 
 
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_is_named_and_the_run_resumes_exactly_from_the_one_before(
+    beton: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from slip.main import main
+
+    command = ["train", "--config", "tiny_cpu", *_overrides(beton, tmp_path, "damaged", 4, "run.checkpoint_every=1")]
+    assert main(command) == 0
+    run_dir, checkpoints = tmp_path / "damaged", tmp_path / "damaged" / "checkpoints"
+    straight = _curve(run_dir)
+    _rewind(run_dir, 3)  # died after checkpointing step 3: steps 2 and 3 are kept
+    states = checkpoints / "step-00000003" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size * 2 // 3])
+    capsys.readouterr()
+    assert main(command) == 0
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"slip: warning: {states}: truncated"), err
+    assert lines[0].endswith(f"using the older checkpoint {checkpoints / 'step-00000002'}"), err
+    assert f"resumed from {checkpoints / 'step-00000002'} at step 2 of 4 (epoch " in out
+    assert _curve(run_dir) == straight  # every step once, every value bit for bit
+
+    for d in checkpoints.glob("step-*"):
+        (d / "checksums.json").write_bytes(b"")
+    assert main(command) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"slip: error: {run_dir}: no intact checkpoint ({checkpoints / 'step-00000004' / 'checksums.json'}: empty"), err
+
+
 def test_non_finite_losses_are_skipped_counted_and_stop_the_run_when_they_persist(
     beton: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -209,12 +238,19 @@ def test_a_finished_run_is_not_trained_again_and_a_changed_model_is_refused(beto
     _train(cfg)
     again = _train(cfg)
     assert again.resumed_from == 2 and again.steps == 2
-    with pytest.raises(ValueError, match="model differs from the checkpoint"):
+    checkpoints = cfg.run_dir / "checkpoints"
+    with pytest.raises(ValueError, match=r"model\.embed_dim is 64 but 128 in the checkpoint .*set model\.embed_dim=128 to resume"):
         _train(_cfg(beton, tmp_path, "done", 2, "model.embed_dim=64"))
-    with pytest.raises(ValueError, match="data.loader differs from the checkpoint"):  # its saved state is DALI's
+    with pytest.raises(ValueError, match="data.loader is synthetic but dali in the checkpoint"):  # its saved state is DALI's
         _train(_cfg(beton, tmp_path, "done", 4, "data.loader=synthetic", "data.allow_synthetic=true"))
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match=f"data.batch_size is 32 but 16 in the checkpoint .*remove {checkpoints} to start this one over"):
+        _train(_cfg(beton, tmp_path, "done", 2, "data.batch_size=32"))
+    with pytest.raises(ValueError, match=f"already holds checkpoints; .*another name .*remove {checkpoints} to start this one over"):
         _train(_cfg(beton, tmp_path, "done", 2, "run.resume=false"))
+    # The way out both name: the run starts over, with the new batch size, resumed or not.
+    shutil.rmtree(checkpoints)
+    over = _train(_cfg(beton, tmp_path, "done", 2, "data.batch_size=32", "run.resume=false"))
+    assert over.resumed_from == 0 and over.steps == 2 and [r["step"] for r in _records(cfg.run_dir)] == [0, 1]
 
 
 @pytest.mark.slow
