@@ -228,16 +228,19 @@ def accuracy(correct: Tensor) -> Tensor:
 RowsLSE = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]]
 """(p, q, scale, *, mask_offset=None, positive_offset=None) -> (row_lse, row_lost, row_max,
 row_argmax, positive), the first four as tiled_lse's rows. positive: scale * p_i . q_{i + k}
-for positive_offset k, from a kernel that forms the positive's gradient together with the
-softmax's (the triton kernels, whose embeddings may be bf16), or None: the caller computes
-it from the local rows."""
+for positive_offset k (None without one), a function of the candidate row q_{i + k} as the
+softmax's entries are: where the candidates are constants (clip_negatives=detached) the
+positive, too, gives gradient to the query p only."""
 
 
 def _rows(
     p: Tensor, q: Tensor, scale: Tensor, *, mask_offset: int | None = None, positive_offset: int | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     lse, lost, _, _, row_max, arg = tiled_lse(p, q, scale, mask_offset=mask_offset)
-    return lse, lost, row_max, arg, None  # fp32 or fp64 rows: the caller's positive loses nothing
+    if positive_offset is None:
+        return lse, lost, row_max, arg, None
+    # fp32 or fp64 rows: the positive from the gathered copy loses nothing.
+    return lse, lost, row_max, arg, scale * positives(p, q[positive_offset : positive_offset + p.shape[0]])  # (b,)
 
 
 def _clip_loss(

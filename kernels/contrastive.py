@@ -52,6 +52,10 @@ _REGISTRY: dict[str, Backend | Callable[[], Backend]] = {
 }
 BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
 DEFAULT_BACKEND = "chunked"  # the tiled one: no [b, B] logits; "reference" is the oracle
+# What CLIP's candidates from the gather are to autograd. exact: gathered with gradient, so the
+# loss is the global batch's. detached: constants (every rank's rows, this rank's included), so
+# an embedding gets gradient only as the query of its own row, as SLIP's reference computes it.
+CLIP_NEGATIVES: tuple[str, ...] = ("exact", "detached")
 
 
 def _backend(name: str) -> Backend:
@@ -62,6 +66,17 @@ def _backend(name: str) -> Backend:
     if not isinstance(impl, Backend):
         impl = _REGISTRY[name] = impl()
     return impl
+
+
+def _gather_clip(x: Tensor, y: Tensor, clip_negatives: str, group: dist.ProcessGroup | None) -> list[Tensor]:
+    """CLIP's candidates [B, d] from every rank; detached: gathered as constants (no backward
+    reduce-scatter). One process has nothing to detach: its candidates are its own rows."""
+    if clip_negatives not in CLIP_NEGATIVES:
+        raise ValueError(f"unknown clip_negatives {clip_negatives!r}; available: {', '.join(CLIP_NEGATIVES)}")
+    if clip_negatives == "exact" or collectives.rank_and_world(group)[1] == 1:
+        return collectives.gather_all([x, y], group)
+    with torch.no_grad():
+        return collectives.gather_all([x, y], group)
 
 
 def _normalise(impl: Backend, *embeds: Tensor) -> list[Tensor]:
@@ -90,14 +105,16 @@ def clip_loss(
     *,
     backend: str = DEFAULT_BACKEND,
     group: dist.ProcessGroup | None = None,
+    clip_negatives: str = "exact",
 ) -> dict[str, Tensor]:
-    """CLIP InfoNCE. image_embed, text_embed: [b, d]; logit_scale: [1], already exp()'d.
+    """CLIP InfoNCE. image_embed, text_embed: [b, d]; logit_scale: [1], already exp()'d;
+    clip_negatives: one of CLIP_NEGATIVES.
 
     Returns {"loss", "clip_loss", "clip_acc"} (acc: image-to-text top-1, percent)."""
     impl = _backend(backend)
     rank, _ = collectives.rank_and_world(group)
     x, y = _normalise(impl, image_embed, text_embed)  # (b, d) each
-    x_all, y_all = collectives.gather_all([x, y], group)  # (B, d) each
+    x_all, y_all = _gather_clip(x, y, clip_negatives, group)  # (B, d) each
     loss, acc = impl.clip(x, y, x_all, y_all, logit_scale.to(chunked.row_dtype(x)), rank * x.shape[0])
     return {"loss": loss, "clip_loss": loss, "clip_acc": acc}
 
@@ -132,15 +149,21 @@ def slip_loss(
     ssl_temp: float = 0.1,
     backend: str = DEFAULT_BACKEND,
     group: dist.ProcessGroup | None = None,
+    clip_negatives: str = "exact",
 ) -> dict[str, Tensor]:
-    """SLIP: clip_loss + ssl_scale * simclr_loss, with one all-gather for all four
-    embeddings. Returns {"loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc"}."""
+    """SLIP: clip_loss + ssl_scale * simclr_loss, with one all-gather for all four embeddings
+    (two with clip_negatives=detached: SimCLR's candidates keep their gradient).
+    Returns {"loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc"}."""
     if ssl_temp <= 0:
         raise ValueError(f"ssl_temp must be positive, got {ssl_temp}")
     impl = _backend(backend)
     rank, _ = collectives.rank_and_world(group)
     x, y, a, b = _normalise(impl, image_embed, text_embed, aug1_embed, aug2_embed)  # (b, d_k) each
-    x_all, y_all, a_all, b_all = collectives.gather_all([x, y, a, b], group)  # (B, d_k) each
+    if clip_negatives == "exact":
+        x_all, y_all, a_all, b_all = collectives.gather_all([x, y, a, b], group)  # (B, d_k) each
+    else:
+        x_all, y_all = _gather_clip(x, y, clip_negatives, group)  # (B, d) each, constants
+        a_all, b_all = collectives.gather_all([a, b], group)  # (B, d_ssl) each
     offset = rank * x.shape[0]
     clip, clip_acc = impl.clip(x, y, x_all, y_all, logit_scale.to(chunked.row_dtype(x)), offset)
     ssl, ssl_acc = impl.simclr(a, b, a_all, b_all, float(ssl_temp), offset)

@@ -79,8 +79,12 @@ class LossConfig:
     backend: str = "chunked"  # a name in kernels.contrastive.BACKENDS: chunked (tiled) or reference (the oracle)
     ssl_scale: float = 1.0
     ssl_temp: float = 0.1
+    # CLIP's candidates from other ranks: exact (with gradient: the global batch's loss) or
+    # detached (constants, as SLIP's reference gathers them). SimCLR's are always exact.
+    clip_negatives: str = "exact"
 
     def __post_init__(self) -> None:
+        _require(self.clip_negatives in ("exact", "detached"), f"loss.clip_negatives must be exact or detached, got '{self.clip_negatives}'")
         _require(self.ssl_temp > 0, "loss.ssl_temp must be positive")
         _require(self.ssl_scale >= 0, "loss.ssl_scale must be non-negative")
 
@@ -145,7 +149,7 @@ class EvalConfig:
     every_epochs: float = 0.0  # evaluate during training every this many epochs (and at the end); 0: never
     zeroshot: str = ""  # class-per-folder images or a labelled dataset (`slip demo` sets it); "": no zero-shot
     classnames: str = ""  # one per line; "": evaluation.prompts.zeroshot_classnames's rule (the README's)
-    templates: str = ""  # one prompt per line with {}; "": templates.txt in or beside the folder, else CLIP's 80
+    templates: str = ""  # clip80, slip7, or a file of prompts with {}; "": templates.txt beside the data, else SLIP's 7 for ImageNet, else CLIP's 80
     retrieval: str = ""  # a converted dataset for image-text recall; "" skips it
     batch_size: int = 256
 

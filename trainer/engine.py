@@ -133,6 +133,24 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: 
     return engine
 
 
+def optimizer_master(param: nn.Parameter) -> torch.Tensor | None:
+    """The values of `param` that the optimizer updates on this rank, as a view to change in place
+    (None where this rank holds none of them).
+
+    Under ZeRO the torch optimizer steps an fp32 master, not the module's parameter, and
+    DeepSpeed copies the master back into the module after that step: ZeRO 1-2 a flat partition
+    cloned from the parameters (`param`'s fragment is on the rank whose partition holds it),
+    ZeRO-3 each rank's partition. Without ZeRO the parameter is its own master."""
+    if hasattr(param, "ds_id"):  # ZeRO-3 (without optimizer offload, which the config never sets, a view)
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        local = safe_get_local_fp32_param(param)
+        return local if local is not None and local.numel() else None
+    if hasattr(param, "_hp_mapping"):  # ZeRO 1-2
+        return None if param._hp_mapping is None else param._hp_mapping.get_hp_fragment()
+    return param.data
+
+
 def set_lr(engine: Any, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr

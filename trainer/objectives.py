@@ -17,25 +17,25 @@ class Objective:
     name: str
     views: tuple[str, ...]  # image outputs the pipeline must produce
     parts: ModelParts
-    loss: Callable[[Outputs, float, float, str, object], dict[str, torch.Tensor]]
+    loss: Callable[[Outputs, float, float, str, object, str], dict[str, torch.Tensor]]  # out, ssl_scale, ssl_temp, backend, group, clip_negatives
 
     @property
     def text(self) -> bool:
         return self.parts.text
 
 
-def _slip(out: Outputs, ssl_scale: float, ssl_temp: float, backend: str, group: object) -> dict[str, torch.Tensor]:
+def _slip(out: Outputs, ssl_scale: float, ssl_temp: float, backend: str, group: object, clip_negatives: str = "exact") -> dict[str, torch.Tensor]:
     return contrastive.slip_loss(
         out["image_embed"], out["text_embed"], out["logit_scale"], out["aug1_embed"], out["aug2_embed"],
-        ssl_scale=ssl_scale, ssl_temp=ssl_temp, backend=backend, group=group,
+        ssl_scale=ssl_scale, ssl_temp=ssl_temp, backend=backend, group=group, clip_negatives=clip_negatives,
     )  # fmt: skip
 
 
-def _clip(out: Outputs, ssl_scale: float, ssl_temp: float, backend: str, group: object) -> dict[str, torch.Tensor]:
-    return contrastive.clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"], backend=backend, group=group)
+def _clip(out: Outputs, ssl_scale: float, ssl_temp: float, backend: str, group: object, clip_negatives: str = "exact") -> dict[str, torch.Tensor]:
+    return contrastive.clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"], backend=backend, group=group, clip_negatives=clip_negatives)
 
 
-def _simclr(out: Outputs, ssl_scale: float, ssl_temp: float, backend: str, group: object) -> dict[str, torch.Tensor]:
+def _simclr(out: Outputs, ssl_scale: float, ssl_temp: float, backend: str, group: object, clip_negatives: str = "exact") -> dict[str, torch.Tensor]:
     return contrastive.simclr_loss(out["aug1_embed"], out["aug2_embed"], ssl_temp, backend=backend, group=group)
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from trainer.config import LR_SCALING, OptimConfig
-from trainer.engine import fused_lamb
+from trainer.engine import fused_lamb, optimizer_master
 from trainer.lamb import Lamb
 
 
@@ -37,11 +37,44 @@ def build_optimizer(
     *,
     device: str = "cpu",
 ) -> torch.optim.Optimizer:
-    """adamw: torch's AdamW. lamb: DeepSpeed's fused CUDA LAMB on "cuda", else its torch twin `trainer.lamb.Lamb`."""
+    """adamw: torch's AdamW. lamb: DeepSpeed's fused CUDA LAMB on "cuda", else its torch twin
+    `trainer.lamb.Lamb`. The model's bounded parameters (`param_bounds`) are clamped after each step."""
+    groups = param_groups(model, weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
-    if name == "lamb":
-        if torch.device(device).type == "cuda":
-            return fused_lamb(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
-        return Lamb(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
-    raise ValueError(f"unknown optimizer '{name}'")
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    elif name == "lamb":
+        optimizer = fused_lamb(groups, lr=lr, betas=betas, eps=eps) if torch.device(device).type == "cuda" else Lamb(groups, lr=lr, betas=betas, eps=eps)
+    else:
+        raise ValueError(f"unknown optimizer '{name}'")
+    clamp_after_steps(optimizer, model)
+    return optimizer
+
+
+def clamp_after_steps(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """After every step of `optimizer`, clamp each of the model's bounded parameters in place, as
+    CLIP clamps its logit scale (a forward clamp would stop its gradient at the bound).
+
+    The hook is on this torch optimizer, which DeepSpeed's ZeRO optimizers step on their fp32
+    masters before copying them into the module, so the clamp lands on the master at every
+    stage. ZeRO steps one parameter group at a time: a master is clamped only by the step that
+    updated it, never before its own update (which would then start from the clamped value)."""
+    bounds = getattr(model, "param_bounds", dict)()
+    bounded = [(model.get_parameter(name), low, high) for name, (low, high) in bounds.items()]
+    if not bounded:
+        return
+
+    @torch.no_grad()
+    def clamp(*_: object) -> None:
+        stepped = [p for group in optimizer.param_groups for p in group["params"]]
+        for param, low, high in bounded:
+            master = optimizer_master(param)
+            if master is not None and any(_inside(master, p) for p in stepped):
+                master.clamp_(low, high)
+
+    optimizer.register_step_post_hook(clamp)
+
+
+def _inside(view: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether the memory of `view` (contiguous) lies within that of `tensor`, e.g. a flat partition."""
+    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    return start <= view.data_ptr() and view.data_ptr() + view.numel() * view.element_size() <= end and view.device == tensor.device

@@ -36,7 +36,7 @@ class TrainingTask:
     def loss(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The objective's losses and metrics from the model's output dict."""
         c = self.loss_cfg
-        losses = self.objective.loss(outputs, c.ssl_scale, c.ssl_temp, c.backend, self.group)
+        losses = self.objective.loss(outputs, c.ssl_scale, c.ssl_temp, c.backend, self.group, c.clip_negatives)
         if "logit_scale" in outputs:
             losses["logit_scale"] = outputs["logit_scale"].detach().reshape(())
         return losses

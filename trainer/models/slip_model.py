@@ -69,6 +69,10 @@ class SlipModel(nn.Module):
         if parts.ssl:
             self.image_mlp = ssl_head(vision_width, ssl_mlp_dim, ssl_emb_dim)
 
+    def param_bounds(self) -> dict[str, tuple[float, float]]:
+        """Parameters kept within [low, high] after every optimizer step, by name: CLIP's logit scale."""
+        return {"logit_scale": (0.0, MAX_LOGIT_SCALE)} if self.parts.clip else {}
+
     @property
     def has_text(self) -> bool:
         """Whether there is a text tower: evaluation asks before it decodes anything."""
@@ -143,9 +147,10 @@ class SlipModel(nn.Module):
         if "text" in feats:
             out["text_embed"] = feats["text"] @ self.text_projection  # (b, embed_dim)
         if self.parts.clip:
-            # Clamped here rather than in place after the step: under bf16 or ZeRO the module's
-            # parameter is a copy (or a shard) that the optimizer's fp32 master overwrites.
-            out["logit_scale"] = self.logit_scale.clamp(0, MAX_LOGIT_SCALE).exp()  # (1,)
+            # Not clamped here: a clamp in the forward zeroes the gradient past the bound, and a
+            # scale that got there could never come down. The optimizer clamps the parameter
+            # after every step instead (param_bounds; trainer.optim.clamp_after_steps).
+            out["logit_scale"] = self.logit_scale.exp()  # (1,)
         for view in ("aug1", "aug2"):
             if view in feats:
                 out[f"{view}_embed"] = self.image_mlp(feats[view])  # (b, ssl_emb_dim)
