@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from evaluation.suite import suite_templates
 from pipeline.eval_view import LabelledImages
 
 
@@ -16,7 +17,7 @@ def read_lines(path: str | Path) -> list[str]:
 
 
 def default_classnames(n_classes: int) -> list[str]:
-    """ImageNet's class names, from open_clip's zero-shot metadata."""
+    """ImageNet's class names (CLIP's, which SLIP's suite uses too), from open_clip's zero-shot metadata."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     if n_classes != len(IMAGENET_CLASSNAMES):
@@ -24,11 +25,31 @@ def default_classnames(n_classes: int) -> list[str]:
     return list(IMAGENET_CLASSNAMES)
 
 
-def default_templates() -> list[str]:
+def clip80_templates() -> list[str]:
     """CLIP's 80 ImageNet prompt templates, from open_clip's zero-shot metadata, with {} for the class."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def slip7_templates() -> list[str]:
+    """The 7 ImageNet templates SLIP's paper reports zero-shot with (`itap of a {}.`, ...)."""
+    return suite_templates("imagenet")
+
+
+# The built-in template sets a `--templates` (or `eval.templates`) value may name instead of a file.
+TEMPLATE_SETS = {"clip80": clip80_templates, "slip7": slip7_templates}
+
+
+def templates_option(value: str) -> list[str]:
+    """What a `--templates` value means: a built-in set by name (`clip80`, `slip7`), else a file of one
+    template per line (write `./clip80` for a file of that name)."""
+    if value in TEMPLATE_SETS:
+        return TEMPLATE_SETS[value]()
+    try:
+        return read_lines(value)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{value}: no such file (nor a built-in template set: {', '.join(TEMPLATE_SETS)})") from None
 
 
 def checked_templates(lines: list[str]) -> list[str]:
@@ -56,6 +77,11 @@ def _carried(data: LabelledImages, name: str) -> Path | None:
     return None
 
 
+def is_imagenet(data: LabelledImages) -> bool:
+    """The classes are ImageNet's 1000 WordNet ids (n01440764, ...)."""
+    return len(data.classes) == 1000 and all(_WORDNET_ID.fullmatch(c) for c in data.classes)
+
+
 def readable(folder: str) -> str:
     """A class folder's name as a prompt says it: `coffee_mug` -> `coffee mug`."""
     return " ".join(folder.replace("_", " ").split())
@@ -73,7 +99,7 @@ def zeroshot_classnames(data: LabelledImages, given: list[str] | None) -> list[s
         names, source = data.classnames, "the dataset's manifest"
     elif (path := _carried(data, CLASSNAMES_FILE)) is not None:
         names, source = read_lines(path), str(path)
-    elif len(data.classes) == 1000 and all(_WORDNET_ID.fullmatch(c) for c in data.classes):
+    elif is_imagenet(data):
         names, source = default_classnames(len(data.classes)), "ImageNet's class names"
     else:
         names, source = [readable(c) for c in data.classes], "the folder names"
@@ -84,8 +110,10 @@ def zeroshot_classnames(data: LabelledImages, given: list[str] | None) -> list[s
 
 def zeroshot_templates(data: LabelledImages, given: list[str] | None) -> list[str]:
     """The prompt templates, by the same rule: `given` (`--templates`, `eval.templates`), else a
-    `templates.txt` in the data's folder or beside it, else CLIP's 80."""
+    `templates.txt` in the data's folder or beside it, else SLIP's 7 when the classes are ImageNet's
+    WordNet ids (the paper's ImageNet figure), else CLIP's 80."""
     if given:
         return checked_templates(given)
-    path = _carried(data, TEMPLATES_FILE)
-    return checked_templates(read_lines(path) if path is not None else default_templates())
+    if (path := _carried(data, TEMPLATES_FILE)) is not None:
+        return checked_templates(read_lines(path))
+    return checked_templates(slip7_templates() if is_imagenet(data) else clip80_templates())

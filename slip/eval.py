@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slip.helptext import DefaultsShown
-from slip.output import counts, emit, percent, stdout_to_stderr
+from slip.output import counts, emit, percent, stdout_to_stderr, table
 
 if TYPE_CHECKING:
     from pipeline.augment_config import AugmentConfig
@@ -46,12 +46,45 @@ def _skipped(r: dict) -> str:
     return f"\nskipped {total} image(s) that cannot be decoded ({counts(r['skipped'])}): {'; '.join(r['skipped_first'])}{more}"
 
 
+def _check_zeroshot(args: argparse.Namespace) -> None:
+    """Option mistakes, in one line, before a model is loaded."""
+    if args.benchmark:
+        if args.data or args.classnames or args.templates:
+            raise ValueError("--benchmark: each suite dataset has its own class names and templates; drop --data, --classnames and --templates")
+        if not args.root:
+            raise ValueError("--benchmark slip needs --root DIR (one sub-directory per suite dataset)")
+    elif not args.data:
+        raise ValueError("give --data DIR, or --benchmark slip --root DIR")
+    elif args.root:
+        raise ValueError("--root goes with --benchmark; for one dataset give --data alone")
+
+
+def _suite_table(r: dict) -> str:
+    """The suite's rows (dataset, metric, value, images, skipped), the failures' reasons, and the mean."""
+    rows = [("dataset", "metric", "value", "images", "skipped")]
+    for d in r["datasets"]:
+        if d["status"] == "ok":
+            rows.append((d["dataset"], d["metric"], percent(d["value"], 2), str(d["images"]), str(sum(d["skipped"].values()))))
+        else:
+            rows.append((d["dataset"], d["metric"], d["status"], "", ""))
+    lines = table(rows, label_width=20, cell_width=16)
+    lines += [f"{d['dataset']}: {d['error']}" for d in r["datasets"] if d["status"] == "failed"]
+    mean = "n/a" if r["mean"] is None else percent(r["mean"], 2)
+    lines.append(f"mean over {r['present']} dataset(s) present: {mean} ({r['failed']} failed, {r['missing']} missing)")
+    return "\n".join(lines)
+
+
 def _zeroshot(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig, common: dict) -> tuple[dict, str]:
-    from evaluation.prompts import read_lines
+    from evaluation.prompts import read_lines, templates_option
     from evaluation.zeroshot import eval_zeroshot
 
+    if args.benchmark:
+        from evaluation.benchmark import eval_suite
+
+        r = eval_suite(model, augment, args.root, **common)
+        return r, _suite_table(r)
     names = read_lines(args.classnames) if args.classnames else None
-    templates = read_lines(args.templates) if args.templates else None
+    templates = templates_option(args.templates) if args.templates else None
     r = eval_zeroshot(model, augment, args.data, classnames=names, templates=templates, **common)
     return r, (f"zero-shot on {args.data}: top-1 {percent(r['top1'], 2)}, top-5 {percent(r['top5'], 2)} "
                f"({r['images']} images, {r['classes']} classes){_skipped(r)}")  # fmt: skip
@@ -89,11 +122,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size and --threads must be positive, got {args.batch_size} and {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this machine has no CUDA device")
+    if args.kind == "zeroshot":
+        _check_zeroshot(args)
     with stdout_to_stderr():  # stdout carries the figures alone
         model, augment = open_model(args.checkpoint, image_size=args.image_size)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         model = model.to(device)  # images are then decoded on that GPU too
         result, line = _KINDS[args.kind](args, model, augment, {"batch_size": args.batch_size, "threads": args.threads})
+    if getattr(args, "out", None):
+        from pipeline.atomic import write_json_atomic
+
+        write_json_atomic(args.out, result)
     emit(result, line, args.json)
     return 0
 
@@ -102,11 +141,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="zero-shot, linear probe or retrieval of a checkpoint")
     kinds = ev.add_subparsers(dest="kind", required=True)
     zs = kinds.add_parser("zeroshot", help="zero-shot classification of a class-per-folder tree or a labelled dataset", formatter_class=DefaultsShown)
-    zs.add_argument("--data", required=True, help="one sub-folder per class (ImageNet layout), or `slip convert classes` output")
+    zs.add_argument("--data", help="one sub-folder per class (ImageNet layout), or `slip convert classes` output")
+    zs.add_argument("--benchmark", choices=("slip",), help="SLIP's zero-shot suite: every one of its 28 datasets found under --root, "
+                    "each with its own class names, templates and metric")  # fmt: skip
+    zs.add_argument("--root", help="with --benchmark: ROOT/<name>/ per suite dataset (cifar10, imagenet, ...), "
+                    "each a class-per-folder tree or `slip convert classes` output")  # fmt: skip
+    zs.add_argument("--out", help="also write the figures to this JSON file")
     zs.add_argument("--classnames", help="one class name per line, in sorted folder order (default: the names a converted dataset "
                     "recorded, else classnames.txt in or beside --data, else ImageNet's for its 1000 WordNet-id folders, "
                     "else the folder names with _ as spaces)")  # fmt: skip
-    zs.add_argument("--templates", help="one prompt per line with {} for the class (default: templates.txt in or beside --data, else CLIP's 80)")
+    zs.add_argument("--templates", help="clip80 (CLIP's 80), slip7 (SLIP's 7 for ImageNet), or a file of one prompt per line with {} for the class "
+                    "(default: templates.txt in or beside --data, else slip7 for ImageNet's WordNet-id folders, else clip80)")  # fmt: skip
     lin = kinds.add_parser("linear", help="logistic regression on frozen image features", formatter_class=DefaultsShown)
     lin.add_argument("--train", required=True, help="class-per-folder training images, or `slip convert classes` output")
     lin.add_argument("--val", required=True, help="validation images in either form (the same classes)")

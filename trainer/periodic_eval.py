@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from evaluation.prompts import read_lines, zeroshot_classnames, zeroshot_templates
+from evaluation.prompts import read_lines, templates_option, zeroshot_classnames, zeroshot_templates
 from evaluation.retrieval import eval_retrieval
 from evaluation.zeroshot import eval_zeroshot
 from pipeline.eval_view import labelled_images
@@ -51,10 +51,9 @@ class PeriodicEval:
 
     def _prompts(self, folder: Path) -> tuple[list[str] | None, list[str] | None]:
         # None: evaluation's one rule picks them in _check_classes, as `slip eval` does.
-        def pick(given: str) -> list[str] | None:
-            return read_lines(given) if given else None
-
-        return pick(self.cfg.eval.classnames), pick(self.cfg.eval.templates)
+        e = self.cfg.eval
+        # eval.templates takes what --templates takes: a built-in set's name (clip80, slip7) or a file.
+        return (read_lines(e.classnames) if e.classnames else None), (templates_option(e.templates) if e.templates else None)
 
     def due(self, step: int) -> bool:
         """After `step` steps have run."""

@@ -38,3 +38,10 @@ def test_a_bad_carried_template_fails_before_training_not_epochs_in(tmp_path: Pa
     (data / "templates.txt").write_text("a photo of a {}.\nno placeholder here\n")
     with pytest.raises(ValueError, match="eval.zeroshot: a template must hold one"):
         _eval(data)
+
+
+def test_a_built_in_template_set_is_named_as_on_the_command_line(tmp_path: Path) -> None:
+    from evaluation.prompts import TEMPLATE_SETS
+
+    ev = _eval(_tree(tmp_path / "zs", ["cat", "dog"]), "eval.templates=slip7")
+    assert ev.templates == TEMPLATE_SETS["slip7"]() and len(ev.templates) == 7
