@@ -38,7 +38,10 @@ def _convert(images: Path, out: Path, *extra: str, workers: int = 1) -> subproce
     cmd = [sys.executable, "-m", "slip", "convert", "folder", "--images", str(images), "--out", str(out),
            "--workers", str(workers), "--shard-size", str(SHARD), "--max-side", "96", *extra]  # fmt: skip
     env = {**os.environ, "CI": "true"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A runner started in the background without job control ignores SIGINT, and its children
+    # inherit that; the converter under test gets the default disposition, as at a terminal.
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def _files(directory: Path) -> dict[str, bytes]:
