@@ -7,14 +7,13 @@ rank * b + arange(b); gradients are that rank's own (the engine then averages th
 alike). slipstream's clip_loss and slip_loss with clip_negatives=detached must give the same
 loss and the same gradients on every rank, with every backend; SimCLR's part stays exact.
 """
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import spawn_ranks
 
 from kernels import chunked, contrastive
 
@@ -84,14 +83,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 
 
 def _spawn(world: int, tmp: Path) -> None:
-    ctx = mp.spawn(_worker, args=(world, str(tmp)), nprocs=world, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"the run with {world} processes did not finish in {JOIN_TIMEOUT_S}s")
+    spawn_ranks(_worker, world, (world, str(tmp)), timeout_s=JOIN_TIMEOUT_S, what=f"the run with {world} processes")
 
 
 @pytest.mark.parametrize("world", [2, 4])

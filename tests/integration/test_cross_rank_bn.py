@@ -8,14 +8,13 @@ the same head with plain BatchNorm1d on the whole batch. What must hold:
   - the sum over ranks of each parameter gradient == the single-process gradient;
   - the running statistics on every rank == the single-process ones.
 """
-import time
 from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn_ranks
 from torch import nn
 
 from kernels.cross_rank_bn import CrossRankBatchNorm1d
@@ -70,13 +69,7 @@ def test_cross_rank_bn_matches_one_process(world: int, tmp_path: Path) -> None:
     data = {"x": torch.randn(n, D_IN, generator=g, dtype=torch.float64) * 3 + 5,  # (n, D_IN), far from 0 mean
             "w": torch.randn(n, D_OUT, generator=g, dtype=torch.float64)}  # fmt: skip
     torch.save(data, tmp_path / "data.pt")
-    ctx = mp.spawn(_worker, args=(world, str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} processes did not finish in {JOIN_TIMEOUT_S}s")
+    spawn_ranks(_worker, world, (world, str(tmp_path)), timeout_s=JOIN_TIMEOUT_S, what=f"{world} processes")
     want = _step(_head(), data["x"], data["w"])
     ranks = [torch.load(tmp_path / f"rank_{r}.pt") for r in range(world)]
     for r, res in enumerate(ranks):

@@ -11,13 +11,12 @@ over ranks afterwards:
   - mean over ranks of the logit_scale gradient == the global one.
 Children write results with torch.save; the parent asserts.
 """
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn_ranks
 
 from kernels import chunked, collectives, contrastive
 
@@ -84,14 +83,7 @@ def _worker(rank: int, world: int, tmp: str, mode: str) -> None:
 
 def _spawn(world: int, tmp: Path, mode: str) -> None:
     """Run _worker on `world` processes; fail (and kill them) rather than hang."""
-    ctx = mp.spawn(_worker, args=(world, str(tmp), mode), nprocs=world, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{mode} run with {world} processes did not finish in {JOIN_TIMEOUT_S}s")
+    spawn_ranks(_worker, world, (world, str(tmp), mode), timeout_s=JOIN_TIMEOUT_S, what=f"{mode} run with {world} processes")
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -279,22 +279,9 @@ def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_gradcache_on_two_ranks_equals_the_global_batch_step(tmp_path) -> None:
     """Across ranks the loss gathers all embeddings and BatchNorm reduces its statistics: the
     GradCache step still equals the plain big-batch step (ZeRO 0, 2, 3)."""
-    import socket
-    import time
+    from ranks import free_port, spawn_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.spawn(_two_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=1.0):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("the 2-rank GradCache run did not finish in 300 s")
+    spawn_ranks(_two_rank_worker, 2, (2, free_port(), str(tmp_path)), timeout_s=300, what="the 2-rank GradCache run")
     for rank in range(2):
         diffs = torch.load(tmp_path / f"rank_{rank}.pt")
         assert set(diffs) == {0, 2, 3} and max(diffs.values()) < 1e-5, diffs

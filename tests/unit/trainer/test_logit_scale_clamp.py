@@ -175,22 +175,9 @@ def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.distributed
 def test_on_two_ranks_the_rank_holding_the_master_clamps_it(tmp_path) -> None:
     """ZeRO 1-2 keep the scale's master on one rank, ZeRO-3 splits it: both ranks still see the oracle's scale."""
-    import socket
-    import time
+    from ranks import free_port, spawn_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.spawn(_two_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=1.0):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("the 2-rank run did not finish in 300 s")
+    spawn_ranks(_two_rank_worker, 2, (2, free_port(), str(tmp_path)), timeout_s=300, what="the 2-rank run")
     want = _oracle("fp32")
     for rank in range(2):
         got = torch.load(tmp_path / f"rank_{rank}.pt")
