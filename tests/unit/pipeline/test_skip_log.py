@@ -27,6 +27,16 @@ def _jpeg(rng: np.random.Generator, size: tuple[int, int] = (40, 32)) -> bytes:
     return out.getvalue()
 
 
+def _captioned_folder(images: Path, n: int, *, seed: int) -> Path:
+    """n random JPEGs with a one-line caption each, as the folder source reads them."""
+    images.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        (images / f"{i}.jpg").write_bytes(_jpeg(rng))
+        (images / f"{i}.txt").write_text(f"caption {i}\n")
+    return images
+
+
 def _records(tmp: Path, seed: int) -> tuple[list, list[dict]]:
     """Good samples with bad ones scattered through, and the skip log they must produce."""
     rng = np.random.default_rng(seed)
@@ -146,12 +156,7 @@ def test_the_bar_is_labelled_with_a_total_and_ffcv_draws_none(tmp_path: Path, mo
 
     monkeypatch.setattr(ffcv.writer, "tqdm", Recorder)
     monkeypatch.setenv("CI", "false")
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(5)
-    for i in range(9):
-        (images / f"{i}.jpg").write_bytes(_jpeg(rng))
-        (images / f"{i}.txt").write_text(f"caption {i}\n")
+    images = _captioned_folder(tmp_path / "images", 9, seed=5)
     convert(folder.iter_samples(images), tmp_path / "out", source="folder", options=OPTS, progress=True)
     assert drawn == []  # no unlabelled bar per shard
     err = capsys.readouterr().err
@@ -161,12 +166,7 @@ def test_the_bar_is_labelled_with_a_total_and_ffcv_draws_none(tmp_path: Path, mo
 
 def test_the_bar_total_follows_limit(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("CI", "false")
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(6)
-    for i in range(6):
-        (images / f"{i}.jpg").write_bytes(_jpeg(rng))
-        (images / f"{i}.txt").write_text(f"caption {i}\n")
+    images = _captioned_folder(tmp_path / "images", 6, seed=6)
     options = ConvertOptions(max_side=64, shard_size=4, workers=1, limit=5)
     convert(folder.iter_samples(images), tmp_path / "out", source="folder", options=options, progress=True)
     assert "5/5" in capsys.readouterr().err
