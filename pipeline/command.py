@@ -24,7 +24,7 @@ from pathlib import Path
 # Reported in one line instead of a traceback: bad input from every layer (ConfigError,
 # DatasetError and SourceError are ValueErrors), and any OSError (FileNotFoundError and the other
 # path errors are OSErrors too): both entry points catch this tuple.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 EXIT_USER_ERROR = 2
 EXIT_OS_ERROR = 1

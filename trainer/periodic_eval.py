@@ -5,7 +5,6 @@ takes part in gathering the partitioned weights first, so rank 0 sees the whole 
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,27 +32,23 @@ class PeriodicEval:
             raise ValueError("config: eval.every_epochs is set but there is nothing to evaluate: set eval.zeroshot or eval.retrieval")
         self.classnames = self.templates = None
         if self.every and self.zeroshot:
-            self.classnames, self.templates = self._prompts(Path(self.zeroshot))
-            self._check_classes()
+            self.classnames, self.templates = self._prompts()
         if self.every and self.retrieval:
             BetonDataset(self.retrieval)  # a bad path fails now, not epochs into the run
 
-    def _check_classes(self) -> None:
-        """The class names and templates must fit the data now: an evaluation failing epochs into a multi-rank
-        run would leave the other ranks waiting at its barrier."""
-        try:
-            data = labelled_images(self.zeroshot)
-            # Resolved once, here: the prompts each evaluation then uses are the ones checked.
-            self.classnames = zeroshot_classnames(data, self.classnames)
-            self.templates = zeroshot_templates(data, self.templates)
-        except ValueError as err:
-            raise ValueError(f"config: eval.zeroshot: {err}") from None
-
-    def _prompts(self, folder: Path) -> tuple[list[str] | None, list[str] | None]:
-        # None: evaluation's one rule picks them in _check_classes, as `slip eval` does.
+    def _prompts(self) -> tuple[list[str], list[str]]:
+        """The class names and templates, by evaluation's one rule (as `slip eval` picks them),
+        resolved and checked against the data now: an evaluation failing epochs into a
+        multi-rank run would leave the other ranks waiting at its barrier."""
         e = self.cfg.eval
         # eval.templates takes what --templates takes: a built-in set's name (clip80, slip7) or a file.
-        return (read_lines(e.classnames) if e.classnames else None), (templates_option(e.templates) if e.templates else None)
+        names = read_lines(e.classnames) if e.classnames else None
+        templates = templates_option(e.templates) if e.templates else None
+        try:
+            data = labelled_images(self.zeroshot)
+            return zeroshot_classnames(data, names), zeroshot_templates(data, templates)
+        except ValueError as err:
+            raise ValueError(f"config: eval.zeroshot: {err}") from None
 
     def due(self, step: int) -> bool:
         """After `step` steps have run."""
