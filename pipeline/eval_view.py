@@ -92,12 +92,15 @@ def iter_folder(
     device: str = "cpu",
     device_id: int = 0,
     skipped: Skipped | None = None,
+    resize: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images float32 [b, 3, S, S], labels int64 [b]) over every decodable image of the folder, the
-    last batch short. A file that cannot be read or fails `check_image` is left out and counted in
+    last batch short; `resize` as in `eval_graph`. A file that cannot be read or fails `check_image` is left out and counted in
     `skipped`; its bytes never reach DALI."""
     samples = ((str(f), label, functools.partial(read_image, f)) for f, label in folder_files(root))
-    yield from _decoded(samples, augment, batch_size, threads, device, device_id, skipped or Skipped())
+    graph = functools.partial(eval_graph, fed_reader, augment, batch_size, threads, device, device_id, fed=True, resize=resize)
+    skipped = skipped if skipped is not None else Skipped()
+    yield from decode_batches(_checked(samples, batch_size, skipped), graph, device, device_id, skipped)
 
 
 def iter_beton(
@@ -109,27 +112,47 @@ def iter_beton(
     device: str = "cpu",
     device_id: int = 0,
     skipped: Skipped | None = None,
+    resize: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images float32 [b, 3, S, S], sample indices int64 [b]) over every decodable sample in order,
-    the last batch short. A sample whose stored JPEG fails the loader's structural check is left
+    the last batch short; `resize` as in `eval_graph`. A sample whose stored JPEG fails the loader's structural check is left
     out and counted in `skipped`."""
     if len(dataset) == 0:
         raise ValueError(f"{dataset.directory}: no samples")
 
-    def read(i: int) -> tuple[np.ndarray | None, str | None]:
-        data = dataset.jpeg(i)
-        verdict = check_jpeg(data, *dataset.image_size(i))
-        return (data, None) if verdict == OK else (None, REASONS[verdict])
+    samples = (beton_sample(dataset, i, i) for i in range(len(dataset)))
+    graph = functools.partial(eval_graph, fed_reader, augment, batch_size, threads, device, device_id, fed=True, resize=resize)
+    skipped = skipped if skipped is not None else Skipped()
+    yield from decode_batches(_checked(samples, batch_size, skipped), graph, device, device_id, skipped)
 
-    samples = ((f"{dataset.shard_path(i)} sample {i}", i, functools.partial(read, i)) for i in range(len(dataset)))
-    yield from _decoded(samples, augment, batch_size, threads, device, device_id, skipped or Skipped())
+
+def _read_stored(dataset: BetonDataset, i: int) -> tuple[np.ndarray | None, str | None]:
+    data = dataset.jpeg(i)
+    verdict = check_jpeg(data, *dataset.image_size(i))
+    return (data, None) if verdict == OK else (None, REASONS[verdict])
+
+
+def beton_sample(dataset: BetonDataset, i: int, key: int) -> Sample:
+    """Sample i of a converted dataset, read and checked when asked for, returned with `key`."""
+    return f"{dataset.shard_path(i)} sample {i}", key, functools.partial(_read_stored, dataset, i)
+
+
+def folder_sample(path: Path, key: int) -> Sample:
+    """An image file, read and checked when asked for, returned with `key`."""
+    return str(path), key, functools.partial(read_image, path)
+
+
+def fed_reader(fn: Any) -> tuple:
+    """The inputs of a fed evaluation graph: "encoded" images and their "key"s (`decode_batches`)."""
+    return fn.external_source(name="encoded"), fn.external_source(name="key")
 
 
 def eval_graph(reader: Callable, augment: AugmentConfig, batch_size: int, threads: int, device: str, device_id: int | None,
-               *, fed: bool = False) -> Any:  # fmt: skip
+               *, fed: bool = False, resize: int | None = None) -> Any:  # fmt: skip
     """The evaluation view's DALI pipeline, defined but not built: `reader(fn)` gives (encoded
-    images, a second output); the images are decoded, their shorter side resized, then center-
-    cropped to the training size, as SLIP evaluates. A GPU graph defined with device_id=None can
+    images, a second output); the images are decoded, their shorter side resized (to the training
+    size, as SLIP's zero-shot evaluates, or to `resize`: 256 for 224 in the linear protocols),
+    then center-cropped to the training size. A GPU graph defined with device_id=None can
     be serialised (its operators checked against DALI's schemas) without CUDA. `fed`: the inputs
     come from `feed_input` one batch at a time (no prefetching), so a failed batch is known."""
     from nvidia.dali import fn, pipeline_def
@@ -141,22 +164,30 @@ def eval_graph(reader: Callable, augment: AugmentConfig, batch_size: int, thread
     @pipeline_def
     def graph():
         jpegs, second = reader(fn)
-        images = fn.resize(decode(jpegs, device), resize_shorter=size, antialias=True)
+        images = fn.resize(decode(jpegs, device), resize_shorter=resize or size, antialias=True)
         return normalize(images, augment, crop=(size, size)), second
 
     serial = {"prefetch_queue_depth": 1, "exec_async": False, "exec_pipelined": False} if fed else {}
     return graph(batch_size=batch_size, num_threads=threads, device_id=device_id if device == "gpu" else None, seed=0, **serial)
 
 
-def _checked(samples: Iterable[Sample], batch_size: int, skipped: Skipped) -> Iterator[list[tuple[str, int, np.ndarray]]]:
-    """Batches of (name, key, bytes) that passed the checks; the others are counted in `skipped`."""
-    batch = []
-    for name, key, read in samples:
+def checked(batch: Iterable[Sample], skipped: Skipped) -> list[tuple[str, int, np.ndarray]]:
+    """(name, key, bytes) of the samples that pass the checks; the others are counted in `skipped`."""
+    out = []
+    for name, key, read in batch:
         data, reason = read()
-        if reason is not None:
+        if reason is None:
+            out.append((name, key, data))
+        else:
             skipped.add(name, reason)
-            continue
-        batch.append((name, key, data))
+    return out
+
+
+def _checked(samples: Iterable[Sample], batch_size: int, skipped: Skipped) -> Iterator[list[tuple[str, int, np.ndarray]]]:
+    """Full batches of (name, key, bytes) that passed the checks, the last one short."""
+    batch = []
+    for sample in samples:
+        batch += checked([sample], skipped)
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -164,23 +195,29 @@ def _checked(samples: Iterable[Sample], batch_size: int, skipped: Skipped) -> It
         yield batch
 
 
-def _decoded(samples: Iterable[Sample], augment: AugmentConfig, batch_size: int, threads: int, device: str, device_id: int,
-             skipped: Skipped) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """(views [b, 3, S, S], keys int64 [b]) for the samples that pass the checks. Bytes that pass
-    them and still fail DALI's decoder are found by decoding the batch's images one at a time
-    (as the training loader does), skipped as `undecodable`, and the batch is run again without
-    them. The views are copies: DALI's buffers are released once the copy has run (`Handoff`)."""
+def decode_batches(batches: Iterable[list[tuple[str, int, np.ndarray]]], graph: Callable[[], Any], device: str, device_id: int,
+                   skipped: Skipped, feeds: Callable[[list[int]], dict[str, np.ndarray]] | None = None,
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """(views [b, 3, S, S], keys int64 [b]), one per batch of checked (name, key, bytes): `graph()`
+    defines a fed pipeline whose inputs are "encoded" and "key", plus `feeds(keys)`'s. Bytes that
+    pass the checks and still fail DALI's decoder are found by decoding the batch's images one at
+    a time (as the training loader does), skipped as `undecodable`, and the batch is run again
+    without them; a batch left with none yields empty tensors. The views are copies: DALI's
+    buffers are released once the copy has run (`Handoff`)."""
     handoff = Handoff(torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu"))
     pipe = None
     try:
-        for batch in _checked(samples, batch_size, skipped):
+        for batch in batches:
+            if not batch:
+                yield torch.empty(0), torch.empty(0, dtype=torch.int64)
             while batch:
                 if pipe is None:
-                    reader = lambda fn: (fn.external_source(name="encoded"), fn.external_source(name="key"))  # noqa: E731
-                    pipe = eval_graph(reader, augment, batch_size, threads, device, device_id, fed=True)
+                    pipe = graph()
                     pipe.build()
                 pipe.feed_input("encoded", [data for _, _, data in batch])
                 pipe.feed_input("key", np.asarray([[key] for _, key, _ in batch], dtype=np.int64))
+                for name, values in (feeds([key for _, key, _ in batch]) if feeds else {}).items():
+                    pipe.feed_input(name, values)
                 try:
                     outputs = handoff.run(pipe)
                 except RuntimeError:
@@ -195,6 +232,8 @@ def _decoded(samples: Iterable[Sample], augment: AugmentConfig, batch_size: int,
                     batch = [item for item, ok in zip(batch, verdicts) if ok]
                     handoff.close()
                     pipe = None  # a failed pipeline is not run again
+                    if not batch:
+                        yield torch.empty(0), torch.empty(0, dtype=torch.int64)
                     continue
                 images, keys = outputs
                 x = torch.from_dlpack(images.as_tensor()).clone()  # (b, 3, S, S)
@@ -220,16 +259,23 @@ class LabelledImages:
         return self.dataset is not None
 
     def batches(self, augment: AugmentConfig, *, batch_size: int, threads: int = 2, device: str = "cpu", device_id: int = 0,
-                skipped: Skipped | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+                skipped: Skipped | None = None, resize: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
         """(images float32 [b, 3, S, S], labels int64 [b]), every decodable image once, the last batch
-        short; the others are counted in `skipped`."""
-        kw = {"batch_size": batch_size, "threads": threads, "device": device, "device_id": device_id, "skipped": skipped}
+        short; the others are counted in `skipped`; `resize` as in `eval_graph`."""
+        kw = {"batch_size": batch_size, "threads": threads, "device": device, "device_id": device_id, "skipped": skipped, "resize": resize}
         if self.dataset is None:
             yield from iter_folder(self.path, augment, **kw)
             return
         labels = torch.from_numpy(self.dataset.labels())  # (n,)
         for images, index in iter_beton(self.dataset, augment, **kw):
             yield images, labels[index]
+
+    def samples(self) -> tuple[list[Sample], torch.Tensor]:
+        """Every image as a Sample keyed by its position, and the labels int64 [n] by position."""
+        if self.dataset is None:
+            files = folder_files(self.path)
+            return [folder_sample(f, i) for i, (f, _) in enumerate(files)], torch.tensor([label for _, label in files], dtype=torch.int64)
+        return [beton_sample(self.dataset, i, i) for i in range(len(self.dataset))], torch.from_numpy(self.dataset.labels()).long()
 
 
 def labelled_images(path: str | Path) -> LabelledImages:

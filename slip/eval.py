@@ -14,6 +14,7 @@ from slip.output import counts, emit, percent, stdout_to_stderr, table
 
 if TYPE_CHECKING:
     from pipeline.augment_config import AugmentConfig
+    from trainer.launch import Launch
     from trainer.models import SlipModel
 
 
@@ -90,13 +91,45 @@ def _zeroshot(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig
                f"({r['images']} images, {r['classes']} classes){_skipped(r)}")  # fmt: skip
 
 
+def _check_linear(args: argparse.Namespace) -> None:
+    """Options of the other protocol, refused before a model is loaded; the SGD protocol's defaults filled in."""
+    sgd_only = {"--epochs": args.epochs, "--lr": args.lr, "--sgd-batch": args.sgd_batch, "--seed": args.seed}
+    if args.protocol == "lbfgs":
+        given = [name for name, value in sgd_only.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --protocol sgd (the logistic regression has no epochs or learning rate)")
+        return
+    if args.l2:
+        raise ValueError("--l2: only with --protocol lbfgs (the SGD protocol has no weight decay)")
+    from evaluation.linear_sgd import SgdProtocol
+
+    defaults = SgdProtocol()
+    args.sgd = SgdProtocol(epochs=defaults.epochs if args.epochs is None else args.epochs,
+                           batch_size=defaults.batch_size if args.sgd_batch is None else args.sgd_batch,
+                           base_lr=defaults.base_lr if args.lr is None else args.lr,
+                           seed=defaults.seed if args.seed is None else args.seed)  # fmt: skip
+
+
+def _linear_sgd(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig, common: dict) -> tuple[dict, str]:
+    from evaluation.encoder import ImageTower
+    from evaluation.linear_sgd import linear_probe_sgd
+
+    r = linear_probe_sgd(ImageTower(model.visual), augment, args.train, args.val, args.sgd, **common)
+    line = (f"linear probe (sgd: {r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']:g}) {args.train} -> {args.val}: "
+            f"top-1 {percent(r['top1'], 2)}, top-5 {percent(r['top5'], 2)} ({r['n_train']} train, {r['n_val']} val; "
+            f"{r['images_per_s']:.0f} training images/s over {r['world_size']} process(es))")  # fmt: skip
+    return r, line + _skipped(r)
+
+
 def _linear(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig, common: dict) -> tuple[dict, str]:
     from evaluation.encoder import ImageTower
     from evaluation.linear_probe import eval_linear
 
+    if args.protocol == "sgd":
+        return _linear_sgd(args, model, augment, common)
     grid = [float(v) for v in args.l2.split(",") if v.strip()] if args.l2 else None
     # SLIP's probe reads the image tower's pooled features, before any projection head.
-    r = eval_linear(ImageTower(model.visual), augment, args.train, args.val, l2_grid=grid, **common)
+    r = {"protocol": "lbfgs", **eval_linear(ImageTower(model.visual), augment, args.train, args.val, l2_grid=grid, **common)}
     line = f"linear probe {args.train} -> {args.val}: top-1 {percent(r['top1'], 2)} (l2 {r['l2']:g}, {r['n_train']} train, {r['n_val']} val)"
     if r["at_edge"]:
         line += f"\nnote: l2 {r['l2']:g} is at the end of the grid; a wider --l2 grid may do better"
@@ -115,8 +148,21 @@ def _retrieval(args: argparse.Namespace, model: SlipModel, augment: AugmentConfi
 _KINDS = {"zeroshot": _zeroshot, "linear": _linear, "retrieval": _retrieval}
 
 
+def _process_group(device: str, launch: Launch) -> str:
+    """Joins the launcher's processes (gloo on the CPU, NCCL on GPUs); the device this rank uses."""
+    import torch
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return f"cuda:{launch.local_rank}" if device == "cuda" else "cpu"
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
+
+    from trainer.launch import launched
 
     if args.batch_size < 1 or args.threads < 1:
         raise ValueError(f"--batch-size and --threads must be positive, got {args.batch_size} and {args.threads}")
@@ -124,11 +170,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("--device cuda: this machine has no CUDA device")
     if args.kind == "zeroshot":
         _check_zeroshot(args)
-    with stdout_to_stderr():  # stdout carries the figures alone
-        model, augment = open_model(args.checkpoint, image_size=args.image_size)
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        model = model.to(device)  # images are then decoded on that GPU too
-        result, line = _KINDS[args.kind](args, model, augment, {"batch_size": args.batch_size, "threads": args.threads})
+    if args.kind == "linear":
+        _check_linear(args)
+    launch = launched()
+    if launch.world > 1 and not (args.kind == "linear" and args.protocol == "sgd"):
+        raise ValueError(f"{launch.world} processes: only `slip eval linear --protocol sgd` runs over several; run this one as a single process")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if launch.world > 1:
+        device = _process_group(device, launch)
+    try:
+        with stdout_to_stderr():  # stdout carries the figures alone
+            model, augment = open_model(args.checkpoint, image_size=args.image_size)
+            model = model.to(device)  # images are then decoded on that GPU too
+            result, line = _KINDS[args.kind](args, model, augment, {"batch_size": args.batch_size, "threads": args.threads})
+    finally:
+        if launch.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if launch.rank != 0:  # every rank holds the same figures; the first reports them
+        return 0
     if getattr(args, "out", None):
         from pipeline.atomic import write_json_atomic
 
@@ -152,10 +213,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "else the folder names with _ as spaces)")  # fmt: skip
     zs.add_argument("--templates", help="clip80 (CLIP's 80), slip7 (SLIP's 7 for ImageNet), or a file of one prompt per line with {} for the class "
                     "(default: templates.txt in or beside --data, else slip7 for ImageNet's WordNet-id folders, else clip80)")  # fmt: skip
-    lin = kinds.add_parser("linear", help="logistic regression on frozen image features", formatter_class=DefaultsShown)
+    lin = kinds.add_parser("linear", help="a linear classifier on frozen image features (logistic regression, or the paper's SGD protocol)",
+                           formatter_class=DefaultsShown)  # fmt: skip
     lin.add_argument("--train", required=True, help="class-per-folder training images, or `slip convert classes` output")
     lin.add_argument("--val", required=True, help="validation images in either form (the same classes)")
-    lin.add_argument("--l2", help="L2 strengths to choose from, comma-separated (default: 1e-8 ... 1e2, a decade apart)")
+    lin.add_argument("--protocol", choices=("lbfgs", "sgd"), default="lbfgs",
+                     help="lbfgs: logistic regression on the features of center crops, its L2 chosen on held-out training images; "
+                     "sgd: SLIP's paper protocol, a linear head trained by SGD on augmented views every epoch (also over "
+                     "several processes through the deepspeed launcher)")  # fmt: skip
+    lin.add_argument("--l2", help="lbfgs: L2 strengths to choose from, comma-separated (default: 1e-8 ... 1e2, a decade apart)")
+    lin.add_argument("--epochs", type=int, help="sgd: epochs over the training images (default: 90)")
+    lin.add_argument("--lr", type=float, help="sgd: learning rate per 256 images of the batch, decayed by a cosine (default: 0.1)")
+    lin.add_argument("--sgd-batch", type=int, help="sgd: the global batch of one SGD step, over all processes (default: 1024)")
+    lin.add_argument("--seed", type=int, help="sgd: the head's initialisation, the order and the augmentation (default: 0)")
     ret = kinds.add_parser("retrieval", help="image-text recall@1/5/10 on a captioned dataset", formatter_class=DefaultsShown)
     ret.add_argument("--data", required=True, help="directory written by `slip convert`")
     for p in (zs, lin, ret):

@@ -115,3 +115,17 @@ def test_undecodable_samples_are_judged_by_the_gpu_decoder(tmp_path: Path) -> No
     bad[len(bad) // 2 :] = 0  # the entropy-coded data wiped
     assert dali_decodes([data, bad, data], device="gpu") == dali_decodes([data, bad, data], device="cpu")
     assert dali_decodes([data], device="gpu") == [True]
+
+
+def test_gpu_probe_view_cuts_the_cpu_views_window(tmp_path: Path, make_shapes_beton) -> None:
+    from pipeline.eval_view import beton_sample
+    from pipeline.probe_view import iter_train_views
+
+    dataset = BetonDataset(make_shapes_beton(tmp_path, train_size=16))
+    samples = [beton_sample(dataset, i, i) for i in range(16)]
+    aug = AugmentConfig(image_size=32)
+    cpu, _ = next(iter_train_views([samples], aug, seed=3, epoch=0, max_batch=16))
+    gpu, keys = next(iter_train_views([samples], aug, seed=3, epoch=0, max_batch=16, device="gpu"))
+    assert gpu.is_cuda and keys.tolist() == list(range(16))
+    # nvJPEG's window decode and the GPU resize against the CPU kernel: rounding apart, not another window.
+    assert (cpu - gpu.cpu()).abs().mean(dim=(1, 2, 3)).max() < 0.05

@@ -204,7 +204,12 @@ def test_a_trained_run_evaluates_from_the_command_line(raw: Path, tmp_path: Path
     probe = shapes.generate(tmp_path / "probe", shapes.ShapesSpec(seed=9, train_size=1, zeroshot_per_class=5), progress=False)
     assert main(["eval", "linear", "--checkpoint", str(run), "--train", str(probe / "zeroshot"), "--val", str(raw / "zeroshot"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert 0 <= r["top1"] <= 1
+    assert 0 <= r["top1"] <= 1 and r["protocol"] == "lbfgs"
+    sgd = ["--protocol", "sgd", "--epochs", "2", "--sgd-batch", "32", "--lr", "0.5"]
+    assert main(["eval", "linear", "--checkpoint", str(run), "--train", str(probe / "zeroshot"), "--val", str(raw / "zeroshot"), *sgd, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["protocol"] == "sgd" and 0 <= r["top1"] <= r["top5"] <= 1 and len(r["train_loss"]) == 2
+    assert (r["epochs"], r["batch_size"], r["lr"], r["world_size"]) == (2, 32, 0.5 * 32 / 256, 1)
     # Another evaluation size than the training one is refused in one line (the position embedding is fixed).
     capsys.readouterr()
     assert main([*zs, "--image-size", "72"]) == 2
@@ -271,3 +276,20 @@ def test_eval_command_line_errors_are_one_line(tmp_path: Path, capsys) -> None:
     if not torch.cuda.is_available():
         assert main([*base, "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+    # Each linear protocol refuses the other's options before any model is read.
+    linear = ["eval", "linear", "--checkpoint", str(tmp_path / "x.safetensors"), "--train", str(tmp_path), "--val", str(tmp_path)]
+    assert main([*linear, "--epochs", "3", "--lr", "0.2"]) == 2
+    assert "--epochs, --lr: only with --protocol sgd" in capsys.readouterr().err
+    assert main([*linear, "--protocol", "sgd", "--l2", "1e-3"]) == 2
+    assert "--l2: only with --protocol lbfgs" in capsys.readouterr().err
+    assert main([*linear, "--protocol", "sgd", "--epochs", "0"]) == 2
+    assert "--epochs and the probe's batch must be positive" in capsys.readouterr().err
+
+
+def test_only_the_sgd_probe_runs_over_several_processes(tmp_path: Path, capsys, monkeypatch) -> None:
+    from slip.main import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["eval", "zeroshot", "--checkpoint", str(tmp_path / "x.safetensors"), "--data", str(tmp_path)]) == 2
+    assert "only `slip eval linear --protocol sgd` runs over several" in capsys.readouterr().err
