@@ -3,8 +3,10 @@
 Parameters follow SLIP's reference transforms (torchvision): CLIP crop = RandomResizedCrop
 (scale 0.5-1); SimCLR views = RandomResizedCrop (0.08-1), colour jitter 0.4/0.4/0.4/0.1 with
 p=0.8, grayscale p=0.2, Gaussian blur sigma 0.1-2 with p=0.5, horizontal flip; all normalised
-with the ImageNet mean and std. Random choices are DALI conditionals, so an augmentation that
-is not drawn for a sample is not computed for it.
+with the ImageNet mean and std. The SimCLR views may be smaller than the CLIP view
+(`ssl_image_size`); their blur is then scaled to cover the same fraction of their side.
+Random choices are DALI conditionals, so an augmentation that is not drawn for a sample is
+not computed for it.
 
 On `device="cpu"` the crops, colour jitter, grayscale and blur are compiled kernels
 (`pipeline/augment_kernels.py`) run as DALI operators (`pipeline/augment_ops.py`). Given the
@@ -32,7 +34,7 @@ from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import Pipeline
 
 from pipeline import augment_ops
-from pipeline.augment_config import VIEWS, AugmentConfig
+from pipeline.augment_config import VIEWS, AugmentConfig, ssl_side
 from pipeline.autograph_files import forget_generated_files
 
 
@@ -58,19 +60,24 @@ def decode(jpegs: DataNode, device: str, hw_decoder_load: float = 0.65) -> DataN
     return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
 
 
-def _random_resized_crop(decoded: DataNode, cfg: AugmentConfig, scale: tuple[float, float], device: str) -> DataNode:
+def _random_resized_crop(decoded: DataNode, cfg: AugmentConfig, scale: tuple[float, float], size: int, device: str) -> DataNode:
     if device == "gpu":
-        return fn.random_resized_crop(
-            decoded, size=[cfg.image_size] * 2, random_area=list(scale), random_aspect_ratio=list(cfg.ratio)
-        )
+        return fn.random_resized_crop(decoded, size=[size] * 2, random_area=list(scale), random_aspect_ratio=list(cfg.ratio))
     # torchvision's window sampler and PIL's bilinear resize, as the SLIP reference crops.
     ranges = fn.constant(fdata=[*scale, *cfg.ratio], shape=[4], dtype=types.FLOAT)
     params = fn.cat(fn.random.uniform(range=[0, 1], shape=[40]), ranges)  # (44,) per sample
-    return augment_ops.random_resized_crop(decoded, params, cfg.image_size)
+    return augment_ops.random_resized_crop(decoded, params, size)
 
 
 def _clip_view(decoded: DataNode, cfg: AugmentConfig, device: str, half: bool) -> DataNode:
-    return normalize(_random_resized_crop(decoded, cfg, cfg.clip_scale, device), cfg, half=half)
+    return normalize(_random_resized_crop(decoded, cfg, cfg.clip_scale, cfg.image_size, device), cfg, half=half)
+
+
+def _ssl_blur_sigma(cfg: AugmentConfig) -> tuple[float, float]:
+    """blur_sigma is in pixels of a view of image_size: a smaller SimCLR view is blurred by the
+    same fraction of its side."""
+    side = ssl_side(cfg)
+    return cfg.blur_sigma if side == cfg.image_size else tuple(s * side / cfg.image_size for s in cfg.blur_sigma)
 
 
 def _uniform(lo: float, hi: float) -> DataNode:
@@ -106,7 +113,7 @@ def _ssl_colour_cpu(view: DataNode, cfg: AugmentConfig) -> DataNode:
         )
         view = augment_ops.color_jitter(view, params)
     if fn.random.coin_flip(probability=cfg.blur_p):
-        view = augment_ops.gaussian_blur(view, _uniform(*cfg.blur_sigma))
+        view = augment_ops.gaussian_blur(view, _uniform(*_ssl_blur_sigma(cfg)))
     return view
 
 
@@ -125,12 +132,12 @@ def _ssl_colour_gpu(view: DataNode, cfg: AugmentConfig) -> DataNode:
         # Zero saturation keeps the luma (0.299 R + 0.587 G + 0.114 B) in all three channels.
         view = fn.color_twist(view, saturation=0.0)
     if fn.random.coin_flip(probability=cfg.blur_p):
-        view = fn.gaussian_blur(view, sigma=_factor(*cfg.blur_sigma))
+        view = fn.gaussian_blur(view, sigma=_factor(*_ssl_blur_sigma(cfg)))
     return view
 
 
 def _ssl_view(decoded: DataNode, cfg: AugmentConfig, device: str, half: bool) -> DataNode:
-    view = _random_resized_crop(decoded, cfg, cfg.ssl_scale, device)
+    view = _random_resized_crop(decoded, cfg, cfg.ssl_scale, ssl_side(cfg), device)
     view = _ssl_colour_gpu(view, cfg) if device == "gpu" else _ssl_colour_cpu(view, cfg)
     return normalize(view, cfg, mirror=fn.random.coin_flip(probability=cfg.flip_p), half=half)
 
@@ -159,7 +166,8 @@ def three_view_graph(
     hw_decoder_load: float = 0.65,
 ) -> Pipeline:
     """The pipeline, defined but not built, whose outputs are (index, *views) for the views asked
-    for. A GPU graph defined with device_id=None can be serialised (its operators checked
+    for: the CLIP view ("image") of cfg.image_size, the SimCLR views of cfg.ssl_image_size (or
+    image_size), with their blur scaled to their side. A GPU graph defined with device_id=None can be serialised (its operators checked
     against DALI's schemas) on a machine without CUDA.
 
     `source(batch_info)` returns (list of encoded JPEG arrays, int64 [b, 1] indices); the

@@ -24,6 +24,12 @@ bit for bit. Without a state (a new run, or a resume on another number of ranks)
 draws are seeded from (seed, start step), so a run started at step k does not repeat the
 draws of step 0. A state is refused by a loader on the other device: the CPU and GPU graphs
 draw differently, so its random states would continue nothing.
+
+The views' sides may change during a run (progressive resolution: `sizes`, a function of the
+global step). The pipeline built at step s makes the views of sizes(s); before the batch of a
+step whose sizes differ from the pipeline's, that pipeline and its prefetched batches are
+dropped and a new one is built at that step, seeded from (seed, step) like any other. A batch's
+sizes are then a function of its step alone, and a resume is exact on either side of a change.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,7 +45,7 @@ from nvidia.dali import fn, pipeline_def
 from nvidia.dali.pipeline import Pipeline
 
 from pipeline.augment import decode, three_view_pipeline
-from pipeline.augment_config import VIEWS, AugmentConfig
+from pipeline.augment_config import VIEWS, AugmentConfig, at_sizes, ssl_side
 from pipeline.batch_source import REASON_NAMES, UNDECODABLE, BatchSource
 from pipeline.handoff import Handoff
 from pipeline.jpeg_check import OK
@@ -111,9 +117,13 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         state: dict | None = None,
         half: bool = False,
         hw_decoder_load: float | None = None,
+        sizes: Callable[[int], tuple[int, int]] | None = None,
     ) -> None:
         """`half`: fp16 views from a GPU graph. `hw_decoder_load`: the share of JPEGs for the GPU's
-        hardware decoder (None: 0.95 on Hopper and newer, whose engines keep up, else DALI's 0.65)."""
+        hardware decoder (None: 0.95 on Hopper and newer, whose engines keep up, else DALI's 0.65).
+        `sizes(step)`: (CLIP view side, SimCLR views' side) of that global step's batch (None:
+        the augment config's own sides, every step); `augment.blur_sigma` stays in pixels of a
+        view of `augment.image_size` whatever the sides of the moment."""
         self.dataset, self.sampler, self.text = dataset, sampler, text
         self.views = tuple(v for v in VIEWS if v in views)  # the graph emits them in VIEWS order
         self.augment, self.threads, self.prefetch, self.source_workers, self.seed = augment, threads, prefetch, source_workers, seed
@@ -123,6 +133,10 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         if hw_decoder_load is None:
             hw_decoder_load = 0.95 if device == "gpu" and torch.cuda.get_device_capability(device_id)[0] >= 9 else 0.65
         self.hw_decoder_load = hw_decoder_load
+        own = (augment.image_size, ssl_side(augment))
+        self.sizes = sizes or (lambda step: own)
+        self.view_sides = own  # (clip, ssl) of the current pipeline's views
+        self.resizes = 0  # pipelines rebuilt because the views' sides changed
         self.handoff, self._in_use = Handoff(self.device), None
         self.step = start_step  # the global step of the next batch handed out
         self.replaced = 0  # sample slots filled by a stand-in, over the run so far
@@ -158,6 +172,7 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
 
     def _build(self, start_step: int, checkpoint: bytes | None = None) -> Pipeline:
         self.source.start_step = self.origin = start_step
+        self.view_sides = tuple(self.sizes(start_step))
         with _workers_ignore_stop_signals(self.source_workers > 0):
             return self._pipeline(start_step, checkpoint)
 
@@ -165,7 +180,7 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         return three_view_pipeline(
             self.source,
             self.views,
-            self.augment,
+            at_sizes(self.augment, *self.view_sides),
             batch_size=self.sampler.local_batch,
             num_threads=self.threads,
             device=self.device_name,
@@ -199,10 +214,21 @@ class ThreeViewLoader(Iterator[dict[str, torch.Tensor]]):
         # everything queued on the stream, the last step's backward included.
         return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
+    def _emitted(self, sides: tuple[int, int]) -> tuple[int | None, int | None]:
+        """The sides of the views this loader hands out: a side no view has changes nothing."""
+        return (sides[0] if "image" in self.views else None, sides[1] if {"aug1", "aug2"} & set(self.views) else None)
+
     def _run(self) -> tuple:
         if self._in_use is not None:  # the step that used the last batch has been enqueued by now
             self.handoff.retire(self._in_use)
             self._in_use = None
+        if self._emitted(tuple(self.sizes(self.step))) != self._emitted(self.view_sides):
+            # What the old pipeline prefetched has the old sides: dropped with it.
+            self.handoff.close()
+            self.pipe._shutdown()
+            self.pipe = None
+            self.pipe = self._build(self.step)
+            self.resizes += 1
         while True:
             try:
                 return self.handoff.run(self.pipe)

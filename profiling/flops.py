@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import Config
+from trainer.levers import patch_dropout_at, sizes_at
 from trainer.models import SIZES
 from trainer.objectives import get_objective
 
@@ -29,11 +30,14 @@ def _block_macs(tokens: int, width: int, mlp_ratio: float) -> int:
     return qkv_and_out + attention + mlp
 
 
-def vit_macs(image_size: int, patch_size: int, width: int, depth: int, mlp_ratio: float = 4.0) -> int:
-    """One image through timm's VisionTransformer (class token included, no classifier)."""
+def vit_macs(image_size: int, patch_size: int, width: int, depth: int, mlp_ratio: float = 4.0, drop: float = 0.0) -> int:
+    """One image through timm's VisionTransformer (class token included, no classifier). With
+    patch dropout `drop`, every patch is embedded but the blocks compute only the tokens kept
+    (`trainer.models.vision.drop_patches` keeps max(1, int(patches * (1 - drop))))."""
     patches = (image_size // patch_size) ** 2
+    kept = max(1, int(patches * (1.0 - drop))) if drop > 0 else patches
     patch_embed = patches * width * 3 * patch_size * patch_size
-    return patch_embed + depth * _block_macs(patches + 1, width, mlp_ratio)
+    return patch_embed + depth * _block_macs(kept + 1, width, mlp_ratio)
 
 
 def text_macs(width: int, layers: int, context_length: int) -> int:
@@ -86,8 +90,10 @@ class StepFlops:
         return self.train_flops / self.batch_size
 
 
-def step_flops(cfg: Config, batch_size: int | None = None) -> StepFlops:
-    """The step `cfg` describes, at `batch_size` (default: cfg.data.batch_size, global).
+def step_flops(cfg: Config, batch_size: int | None = None, *, step: int = 0, steps_per_epoch: int = 1, total: int = 1 << 62) -> StepFlops:
+    """The step `cfg` describes, at `batch_size` (default: cfg.data.batch_size, global), as
+    global step `step` computes it: each view at its size then, with the patch tokens its patch
+    dropout keeps (`trainer.levers`).
 
     Text is counted at the model's full context (77), the usual convention for CLIP's MFU.
     slipstream's text tower truncates each batch to its longest caption, so the work it
@@ -96,10 +102,14 @@ def step_flops(cfg: Config, batch_size: int | None = None) -> StepFlops:
     s = SIZES[m.size]
     batch = cfg.data.batch_size if batch_size is None else batch_size
     clip, ssl = objective.parts.clip, objective.parts.ssl
-    views = len(objective.views)  # slip: image, aug1, aug2; clip: image; simclr: aug1, aug2
+    clip_side, ssl_side = sizes_at(cfg, step, steps_per_epoch)
+    clip_drop, ssl_drop = patch_dropout_at(cfg, step, total)
+    per_view = {"image": vit_macs(clip_side, s.patch_size, s.vision_width, s.vision_depth, drop=clip_drop),
+                "aug1": vit_macs(ssl_side, s.patch_size, s.vision_width, s.vision_depth, drop=ssl_drop)}  # fmt: skip
+    per_view["aug2"] = per_view["aug1"]
     return StepFlops(
         batch_size=batch,
-        vision_macs=views * vit_macs(cfg.augment.image_size, s.patch_size, s.vision_width, s.vision_depth),
+        vision_macs=sum(per_view[v] for v in objective.views),  # slip: image, aug1, aug2; clip: image; simclr: aug1, aug2
         text_macs=text_macs(s.text_width, s.text_layers, m.context_length) if objective.text else 0,
         head_macs=head_macs(s.vision_width, s.text_width, m.embed_dim, m.ssl_mlp_dim, m.ssl_emb_dim, clip=clip, ssl=ssl),
         loss_macs=loss_macs(batch, m.embed_dim, m.ssl_emb_dim, clip=clip, ssl=ssl),

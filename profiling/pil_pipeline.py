@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from pipeline.augment_config import VIEWS, AugmentConfig
+from pipeline.augment_config import VIEWS, AugmentConfig, ssl_side
 from pipeline.reader import BetonDataset
 from pipeline.sampler import EpochSampler
 
@@ -33,16 +33,17 @@ class PILGaussianBlur:
 
 def pil_transforms(cfg: AugmentConfig) -> dict[str, transforms.Compose]:
     normalize = transforms.Normalize(mean=list(cfg.mean), std=list(cfg.std))
-    size = cfg.image_size
+    size, ssl_size = cfg.image_size, ssl_side(cfg)
+    blur = tuple(s * ssl_size / size for s in cfg.blur_sigma)  # blur_sigma is in pixels of an image_size view
     clip = transforms.Compose(
         [transforms.RandomResizedCrop(size, scale=cfg.clip_scale, ratio=cfg.ratio), transforms.ToTensor(), normalize]
     )
     ssl = transforms.Compose(
         [
-            transforms.RandomResizedCrop(size, scale=cfg.ssl_scale, ratio=cfg.ratio),
+            transforms.RandomResizedCrop(ssl_size, scale=cfg.ssl_scale, ratio=cfg.ratio),
             transforms.RandomApply([transforms.ColorJitter(*cfg.jitter)], p=cfg.jitter_p),
             transforms.RandomGrayscale(p=cfg.grayscale_p),
-            transforms.RandomApply([PILGaussianBlur(cfg.blur_sigma)], p=cfg.blur_p),
+            transforms.RandomApply([PILGaussianBlur(blur)], p=cfg.blur_p),
             transforms.RandomHorizontalFlip(p=cfg.flip_p),
             transforms.ToTensor(),
             normalize,

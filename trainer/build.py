@@ -5,6 +5,7 @@ is measured is the step that trains.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from trainer.dist import DistInfo, pick_device
 from trainer.engine import build_engine, deepspeed_config, init_distributed, parallelize
 from trainer.gradcache import GradCache
 from trainer.launch import launched, local_batch
+from trainer.levers import check_levers, patch_dropout_at, sizes_at, varying_sizes
 from trainer.models import SlipModel, build_model
 from trainer.objectives import get_objective
 from trainer.optim import build_optimizer, peak_lr
@@ -37,6 +39,7 @@ def model_from_config(cfg: Config) -> SlipModel:
         ssl_emb_dim=m.ssl_emb_dim,
         context_length=m.context_length,
         vocab_size=m.vocab_size,
+        dynamic_img_size=varying_sizes(cfg),
     )
 
 
@@ -75,6 +78,7 @@ class StepParts:
 def build_step(cfg: Config, dist: DistInfo, device: str) -> StepParts:
     """The model at step 0 inside its DeepSpeed engine, and the task that computes its losses."""
     model = init_model(cfg)
+    model.set_patch_dropout(*patch_dropout_at(cfg, 0, total=1 << 62))  # the training loop sets each step's
     if cfg.engine.activation_checkpointing:
         model.set_grad_checkpointing(True)
     model = parallelize(model.to(dist.device), dist)
@@ -116,16 +120,17 @@ def build_loader(
         state=state,
         half=cfg.engine.precision == "bf16",  # fp16 views from a GPU graph: half DALI's bytes, as good under autocast
         hw_decoder_load=None if cfg.data.hw_decoder_load < 0 else cfg.data.hw_decoder_load,
+        sizes=functools.partial(sizes_at, cfg, steps_per_epoch=sampler.steps_per_epoch),
     )
 
 
-def synthetic_loader(cfg: Config, dist: DistInfo, start: int = 0) -> SyntheticBatches:
+def synthetic_loader(cfg: Config, dist: DistInfo, start: int = 0, steps_per_epoch: int = 1) -> SyntheticBatches:
     """Random batches in the batch contract on the training device: the step without its data."""
     objective, m = get_objective(cfg.model.objective), cfg.model
     return SyntheticBatches(
         objective.views, batch_size=cfg.data.batch_size // dist.world, image_size=cfg.augment.image_size, text=objective.text,
         context_length=m.context_length, vocab_size=m.vocab_size, device=dist.device, seed=cfg.run.seed * 1000 + dist.rank, start_step=start,
-        rank=dist.rank,
+        rank=dist.rank, ssl_image_size=cfg.augment.ssl_image_size, sizes=functools.partial(sizes_at, cfg, steps_per_epoch=steps_per_epoch),
     )  # fmt: skip
 
 
@@ -155,7 +160,7 @@ class Built:
 
     def loader(self, start: int = 0, state: dict | None = None) -> Any:
         if self.dataset is None or self.sampler is None:
-            return synthetic_loader(self.cfg, self.dist, start)
+            return synthetic_loader(self.cfg, self.dist, start, self.steps_per_epoch)
         return build_loader(self.cfg, self.dataset, self.sampler, self.dist, self.device, start, state)
 
 
@@ -163,6 +168,7 @@ def build(cfg: Config, make_step: Callable[[Config, DistInfo, str], StepParts] =
     """The dataset, the process group and the step of `cfg` (by `make_step`: a profiler's baseline
     may build another). What can be wrong with the config or the data fails first, on every rank
     and before any process group exists: the launch's rank and world come from the environment."""
+    check_levers(cfg)
     synthetic = cfg.data.loader == "synthetic"
     dataset = None if synthetic else BetonDataset(cfg.data.train)
     device = pick_device(cfg.engine.device)

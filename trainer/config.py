@@ -68,10 +68,17 @@ class ModelConfig:
     ssl_emb_dim: int = 256  # SimCLR head output
     context_length: int = 77
     vocab_size: int = 49408
+    # FLIP's patch dropout in training: the fraction of patch tokens of the CLIP view dropped
+    # before the first block, and of the two SimCLR views (-1: the CLIP view's).
+    patch_dropout: float = 0.0
+    ssl_patch_dropout: float = -1.0
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "ssl_mlp_dim", "ssl_emb_dim", "context_length", "vocab_size"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive")
+        _require(0 <= self.patch_dropout < 1, f"model.patch_dropout is a fraction in [0, 1), got {self.patch_dropout}")
+        _require(self.ssl_patch_dropout == -1 or 0 <= self.ssl_patch_dropout < 1,
+                 f"model.ssl_patch_dropout is a fraction in [0, 1), or -1 for model.patch_dropout's, got {self.ssl_patch_dropout}")  # fmt: skip
 
 
 @dataclass
@@ -121,8 +128,10 @@ class ScheduleConfig:
     steps: int = 0  # total optimizer steps; 0 = derive from epochs
     start_lr: float = 1e-6  # learning rate at step 0 (SLIP's warm-up start)
     end_lr: float = 1e-5  # learning rate at the last step (SLIP's cosine floor)
+    unmasked_steps: int = 0  # the last steps of the run without patch dropout (FLIP's unmasked tuning)
 
     def __post_init__(self) -> None:
+        _require(self.unmasked_steps >= 0, "schedule.unmasked_steps must be non-negative")
         _require(self.epochs > 0, "schedule.epochs must be positive")
         _require(self.warmup_epochs >= 0, "schedule.warmup_epochs must be non-negative")
         _require(self.steps >= 0, "schedule.steps must be non-negative")

@@ -26,6 +26,7 @@ from trainer.checkpoint import CheckpointManager, Resumed, check_resumable, warn
 from trainer.config import Config
 from trainer.dist import DistInfo, agree, reduce_mean
 from trainer.engine import linear_restored, set_lr
+from trainer.levers import patch_dropout_at, sizes_at
 from trainer.models import SlipModel
 from trainer.periodic_eval import PeriodicEval
 from trainer.runlog import RunLogger, peak_bytes, write_provenance
@@ -219,6 +220,8 @@ class _Run:
         cfg, dist, plan = self.cfg, self.dist, self.plan
         lr = lr_at(step, total=plan.total, warmup=plan.warmup, peak=self.parts.peak, start=cfg.schedule.start_lr, end=cfg.schedule.end_lr)
         set_lr(self.parts.engine, lr)
+        drops = patch_dropout_at(cfg, step, plan.total)
+        self.parts.engine.module.set_patch_dropout(*drops)
         t0 = time.perf_counter()
         batch = next(self.loader)
         t1 = time.perf_counter()
@@ -236,6 +239,8 @@ class _Run:
             record.update(lr=lr, **self.last, samples_per_s=self.samples_per_s, data_ms=1e3 * (t1 - t0), step_ms=1e3 * (t2 - t0))
             record.update(peak_memory_bytes=peak_bytes(dist.device), replaced_samples=self.loader.replaced)
             record.update(nonfinite_skipped=self.counters["nonfinite_skipped"])
+            image_px, ssl_px = sizes_at(cfg, step, plan.steps_per_epoch)
+            record.update(image_px=image_px, ssl_px=ssl_px, patch_dropout=drops[0], ssl_patch_dropout=drops[1])
         if self.periodic.due(step + 1):
             record.update(self.periodic.run(self.parts.engine, dist.world))
         if len(record) > 2:  # more than its step and epoch

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.rewind import rewind
 from trainer.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,15 +51,6 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _curve(run_dir: Path) -> list[tuple]:
     return [(r["step"], *(r[k] for k in LOGGED)) for r in _records(run_dir)]
-
-
-def _rewind(run_dir: Path, step: int) -> None:
-    """Make the run look as if it had died right after checkpointing `step`."""
-    checkpoints = run_dir / "checkpoints"
-    for d in checkpoints.glob("step-*"):
-        if int(d.name.split("-")[1]) > step:
-            shutil.rmtree(d)
-    (checkpoints / "latest").write_text(f"step-{step:08d}")
 
 
 def _train(cfg: Config):
@@ -118,7 +110,7 @@ def test_every_zero_stage_trains_and_resumes_exactly(beton: Path, tmp_path: Path
     _train(cfg)
     straight = _curve(cfg.run_dir)
     assert straight[-1][1] < straight[0][1] * 1.5 and all(map(torch.isfinite, torch.tensor([c[1] for c in straight])))
-    _rewind(cfg.run_dir, 2)
+    rewind(cfg.run_dir, 2)
     resumed = _train(cfg)
     assert resumed.resumed_from == 2
     assert _curve(cfg.run_dir) == straight
@@ -167,7 +159,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_run_resumes_exactly_from_t
     assert main(command) == 0
     run_dir, checkpoints = tmp_path / "damaged", tmp_path / "damaged" / "checkpoints"
     straight = _curve(run_dir)
-    _rewind(run_dir, 3)  # died after checkpointing step 3: steps 2 and 3 are kept
+    rewind(run_dir, 3)  # died after checkpointing step 3: steps 2 and 3 are kept
     states = checkpoints / "step-00000003" / "mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[: states.stat().st_size * 2 // 3])
     capsys.readouterr()
@@ -270,7 +262,7 @@ def test_two_processes_through_the_deepspeed_launcher_match_one_process(beton: P
     assert [r["step"] for r in b] == [0, 1, 2]
     # Killed after its step-2 checkpoint and launched again: the 2-process run resumes exactly.
     straight = _curve(tmp_path / "two")
-    _rewind(tmp_path / "two", 2)
+    rewind(tmp_path / "two", 2)
     launch()
     assert _curve(tmp_path / "two") == straight
     for x, y in zip(a, b):

@@ -46,13 +46,15 @@ def build_model(
     ssl_emb_dim: int = 256,
     context_length: int = 77,
     vocab_size: int = 49408,
+    dynamic_img_size: bool = False,
 ) -> SlipModel:
+    """`dynamic_img_size`: the image tower takes views of other sizes than `image_size` (see `build_vit`)."""
     if size not in SIZES:
         raise ValueError(f"unknown model size '{size}'; known: {', '.join(SIZES)}")
     s = SIZES[size]
     if image_size % s.patch_size:
         raise ValueError(f"image size {image_size} is not a multiple of {size}'s patch size {s.patch_size}")
-    visual = build_vit(image_size, s.patch_size, s.vision_width, s.vision_depth, s.vision_heads)
+    visual = build_vit(image_size, s.patch_size, s.vision_width, s.vision_depth, s.vision_heads, dynamic_img_size=dynamic_img_size)
     text = None
     if parts.text:
         text = TextTransformer(s.text_width, s.text_layers, s.text_heads, context_length, vocab_size)

@@ -68,6 +68,15 @@ class SlipModel(nn.Module):
             self.logit_scale = nn.Parameter(torch.full([1], INIT_LOGIT_SCALE))
         if parts.ssl:
             self.image_mlp = ssl_head(vision_width, ssl_mlp_dim, ssl_emb_dim)
+        # Patch dropout (FLIP) per view, in training mode only: set by the trainer, not saved.
+        self.patch_dropout = {"image": 0.0, "aug1": 0.0, "aug2": 0.0}
+
+    def set_patch_dropout(self, clip: float, ssl: float) -> None:
+        """The fraction of patch tokens dropped from the CLIP view and from the two SimCLR views."""
+        for name, rate in (("clip", clip), ("ssl", ssl)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"patch dropout of the {name} views must be in [0, 1), got {rate}")
+        self.patch_dropout = {"image": clip, "aug1": ssl, "aug2": ssl}
 
     def param_bounds(self) -> dict[str, tuple[float, float]]:
         """Parameters kept within [low, high] after every optimizer step, by name: CLIP's logit scale."""
@@ -86,11 +95,12 @@ class SlipModel(nn.Module):
             raise ValueError("encode_text needs a text tower; this model was trained without one (SimCLR): use `slip eval linear`")
         return self.text(text) @ self.text_projection  # (b, embed_dim)
 
-    def _vision_features(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        # Same-shaped views share one forward: bigger matmuls, one pass over the weights.
-        if len({tuple(v.shape[1:]) for v in views}) == 1:
-            return list(self.visual(torch.cat(views)).split([v.shape[0] for v in views]))
-        return [self.visual(v) for v in views]
+    def _vision_features(self, names: list[str], views: list[torch.Tensor]) -> list[torch.Tensor]:
+        drops = [self.patch_dropout.get(n, 0.0) if self.training else 0.0 for n in names]
+        if any(drops) or len({tuple(v.shape[1:]) for v in views}) > 1:
+            return self.visual.forward_views(views, drops)
+        # Same-shaped views without dropout share one forward: bigger matmuls, one pass over the weights.
+        return list(self.visual(torch.cat(views)).split([v.shape[0] for v in views]))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each transformer block of both towers in backward instead of keeping its
@@ -135,7 +145,7 @@ class SlipModel(nn.Module):
         aug2: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
         names = [n for n, v in (("image", image), ("aug1", aug1), ("aug2", aug2)) if v is not None]
-        feats = dict(zip(names, self._vision_features([v for v in (image, aug1, aug2) if v is not None])))  # each (b, vision_width)
+        feats = dict(zip(names, self._vision_features(names, [v for v in (image, aug1, aug2) if v is not None])))  # each (b, vision_width)
         if text is not None:
             feats["text"] = self.text(text)  # (b, text_width)
         return feats
