@@ -54,9 +54,9 @@ def dali_device(encoder: object) -> dict:
     return {"device": "gpu", "device_id": device.index or 0} if device.type == "cuda" else {"device": "cpu"}
 
 
-def progress(iterable: Iterable | None = None, *, total: int, desc: str, unit: str) -> tqdm:
-    """A transient bar on stderr, quiet under CI."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=os.environ.get("CI") == "true")
+def progress(iterable: Iterable | None = None, *, total: int, desc: str, unit: str, quiet: bool = False) -> tqdm:
+    """A transient bar on stderr, quiet under CI (and where `quiet`: ranks other than the first)."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=quiet or os.environ.get("CI") == "true")
 
 
 def batch_bar(iterable: Iterable, total: int, desc: str) -> Iterator:

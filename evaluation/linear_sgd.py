@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,8 +119,7 @@ def train_head(
     per_rank = -(-protocol.batch_size // world)
     skipped, losses, seen, busy = Skipped(), [], 0, 0.0
     steps = -(-len(samples) // protocol.batch_size)
-    with eval_mode(encoder), progress(total=protocol.epochs * steps, desc="linear probe (sgd)", unit="step") as bar:
-        bar.disable = bar.disable or rank != 0
+    with eval_mode(encoder), progress(total=protocol.epochs * steps, desc="linear probe (sgd)", unit="step", quiet=rank != 0) as bar:
         for epoch in range(protocol.epochs):
             for group in opt.param_groups:
                 group["lr"] = protocol.lr_at(epoch)
@@ -130,23 +130,22 @@ def train_head(
                                      skipped=skipped if epoch == 0 else Skipped(), crop=crop, **dali_device(encoder))  # fmt: skip
             loss_sum, count = 0.0, 0
             start = time.perf_counter()
-            for images, keys in views:
-                x = _encode(encoder, images, chunk, device) if len(keys) else torch.zeros(0, width, device=device)  # (b, d)
-                y = labels[keys].to(device)  # (b,)
+            for _ in mine:  # one step per global batch on every rank, whatever happens on this one
                 opt.zero_grad(set_to_none=False)
-                loss = F.cross_entropy(head(x), y, reduction="sum")
-                loss.backward()
-                # One all-reduce of the gradient sums, the count and the loss sum: the step is the
-                # one-process step over the global batch.
-                tail = torch.tensor([len(keys), 0.0], dtype=torch.float64, device=device)
-                tail[1] = loss.detach()
+                loss, n_local, failure = _local_step(encoder, head, views, labels, chunk, width, device)
+                # One all-reduce of the gradient sums, the count, the loss sum and the failures: the
+                # step is the one-process step over the global batch, and a rank's error stops all.
+                tail = torch.tensor([n_local, 0.0, float(failure is not None)], dtype=torch.float64, device=device)
+                tail[1] = loss  # a device-to-device copy, no wait
                 flat = _all_sum(torch.cat([head.weight.grad.flatten().double(), head.bias.grad.double(), tail]), world)
-                n = int(flat[-2])
+                if flat[-1] > 0:
+                    raise failure or RuntimeError(f"linear probe (sgd): {int(flat[-1])} other rank(s) failed at epoch {epoch}; their error is theirs to report")
+                n = int(flat[-3])
                 if n > 0:  # a batch whose every image was skipped takes no step
                     head.weight.grad.copy_((flat[: head.weight.numel()] / n).view_as(head.weight))
-                    head.bias.grad.copy_(flat[head.weight.numel() : -2] / n)
+                    head.bias.grad.copy_(flat[head.weight.numel() : -3] / n)
                     opt.step()
-                loss_sum += float(flat[-1])
+                loss_sum += float(flat[-2])
                 count += n
                 bar.update()
             busy += time.perf_counter() - start
@@ -154,6 +153,24 @@ def train_head(
             seen += count
     return head, {"train_loss": losses, "images_per_s": seen / busy if busy else 0.0, "n_train": seen // protocol.epochs,
                   "skipped": _gathered(skipped, world)}  # fmt: skip
+
+
+def _local_step(encoder: ImageEncoder, head: torch.nn.Linear, views: Iterator, labels: torch.Tensor, chunk: int, width: int,
+                device: torch.device) -> tuple[torch.Tensor, int, Exception | None]:  # fmt: skip
+    """This rank's share of one global batch: the summed cross-entropy (its gradient accumulated in
+    the head), the images it held, and the error that stopped it, if any (its gradient then zero)."""
+    try:
+        images, keys = next(views, (None, None))
+        if keys is None:  # a generator that raised once is finished: the error was reported then
+            raise RuntimeError("the training views ended early")
+        x = _encode(encoder, images, chunk, device) if len(keys) else torch.zeros(0, width, device=device)  # (b, d)
+        loss = F.cross_entropy(head(x), labels[keys].to(device), reduction="sum")
+        loss.backward()
+        return loss.detach(), len(keys), None
+    except (ValueError, OSError, RuntimeError) as err:
+        head.weight.grad.zero_()
+        head.bias.grad.zero_()
+        return torch.zeros((), device=device), 0, err
 
 
 def _gathered(skipped: Skipped, world: int) -> Skipped:
@@ -186,7 +203,7 @@ def evaluate_head(encoder: ImageEncoder, head: torch.nn.Linear, augment: Augment
     hits = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5, count
     with eval_mode(encoder):
         for images, keys in progress(decode_batches(batches, graph, where["device"], where.get("device_id", 0), skipped),
-                                     total=-(-len(mine) // chunk), desc="linear probe (sgd): val", unit="batch"):  # fmt: skip
+                                     total=-(-len(mine) // chunk), desc="linear probe (sgd): val", unit="batch", quiet=rank != 0):  # fmt: skip
             if not len(keys):
                 continue
             logits = head(_encode(encoder, images, chunk, device))  # (b, C)

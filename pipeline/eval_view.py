@@ -151,7 +151,7 @@ def eval_graph(reader: Callable, augment: AugmentConfig, batch_size: int, thread
                *, fed: bool = False, resize: int | None = None) -> Any:  # fmt: skip
     """The evaluation view's DALI pipeline, defined but not built: `reader(fn)` gives (encoded
     images, a second output); the images are decoded, their shorter side resized (to the training
-    size, as SLIP's zero-shot evaluates, or to `resize`: 256 for 224 in the linear protocols),
+    size, as SLIP's zero-shot evaluates, or to `resize`: 256 for 224 in the SGD linear protocol),
     then center-cropped to the training size. A GPU graph defined with device_id=None can
     be serialised (its operators checked against DALI's schemas) without CUDA. `fed`: the inputs
     come from `feed_input` one batch at a time (no prefetching), so a failed batch is known."""

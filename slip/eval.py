@@ -150,12 +150,17 @@ _KINDS = {"zeroshot": _zeroshot, "linear": _linear, "retrieval": _retrieval}
 
 def _process_group(device: str, launch: Launch) -> str:
     """Joins the launcher's processes (gloo on the CPU, NCCL on GPUs); the device this rank uses."""
+    import datetime
+
     import torch
     import torch.distributed as dist
 
     if device == "cuda":
+        if launch.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {launch.local_rank}: this node has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(launch.local_rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    # A rank that fails leaves the others waiting in a collective: they give up after the timeout.
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
     return f"cuda:{launch.local_rank}" if device == "cuda" else "cpu"
 
 
@@ -207,7 +212,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "each with its own class names, templates and metric")  # fmt: skip
     zs.add_argument("--root", help="with --benchmark: ROOT/<name>/ per suite dataset (cifar10, imagenet, ...), "
                     "each a class-per-folder tree or `slip convert classes` output")  # fmt: skip
-    zs.add_argument("--out", help="also write the figures to this JSON file")
     zs.add_argument("--classnames", help="one class name per line, in sorted folder order (default: the names a converted dataset "
                     "recorded, else classnames.txt in or beside --data, else ImageNet's for its 1000 WordNet-id folders, "
                     "else the folder names with _ as spaces)")  # fmt: skip
@@ -235,4 +239,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--threads", type=int, default=2, help="DALI CPU threads for reading and decoding")
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (default: a GPU if there is one)")
         p.add_argument("--json", action="store_true", help="print the figures as JSON")
+        p.add_argument("--out", help="also write the figures to this JSON file")
         p.set_defaults(func=_cmd_eval)

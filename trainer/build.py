@@ -79,6 +79,8 @@ def build_step(cfg: Config, dist: DistInfo, device: str) -> StepParts:
     """The model at step 0 inside its DeepSpeed engine, and the task that computes its losses."""
     model = init_model(cfg)
     model.set_patch_dropout(*patch_dropout_at(cfg, 0, total=1 << 62))  # the training loop sets each step's
+    # The weights are the same on every rank; from here each rank draws its own patch dropout masks.
+    torch.manual_seed(cfg.run.seed * 1000 + dist.rank)
     if cfg.engine.activation_checkpointing:
         model.set_grad_checkpointing(True)
     model = parallelize(model.to(dist.device), dist)

@@ -67,6 +67,16 @@ def test_the_levers_follow_their_schedules_and_resume_bitwise(beton: Path, tmp_p
     assert model.visual.patch_embed.img_size == (64, 64)
 
 
+@pytest.mark.slow
+def test_zero_3_trains_the_levers_as_zero_0(beton: Path, tmp_path: Path) -> None:
+    # ZeRO-3 partitions the tower's own parameters (class token, position embedding): the
+    # training forward must still gather them, or the steps would differ (or fail).
+    plain = _train(_cfg(beton, tmp_path, "zero0", "schedule.steps=4"))
+    sharded = _train(_cfg(beton, tmp_path, "zero3", "schedule.steps=4", "engine.zero_stage=3"))
+    for a, b in zip(_curve(plain.run_dir), _curve(sharded.run_dir), strict=True):
+        assert a[8:] == b[8:] and a[1] == pytest.approx(b[1], rel=1e-5), (a, b)
+
+
 def test_a_size_the_patch_does_not_divide_is_refused_before_anything_is_built(beton: Path, tmp_path: Path) -> None:
     from trainer.loop import train
 

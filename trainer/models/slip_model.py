@@ -98,7 +98,7 @@ class SlipModel(nn.Module):
     def _vision_features(self, names: list[str], views: list[torch.Tensor]) -> list[torch.Tensor]:
         drops = [self.patch_dropout.get(n, 0.0) if self.training else 0.0 for n in names]
         if any(drops) or len({tuple(v.shape[1:]) for v in views}) > 1:
-            return self.visual.forward_views(views, drops)
+            return self.visual(views, drops)
         # Same-shaped views without dropout share one forward: bigger matmuls, one pass over the weights.
         return list(self.visual(torch.cat(views)).split([v.shape[0] for v in views]))
 

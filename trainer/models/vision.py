@@ -12,8 +12,8 @@ def drop_patches(tokens: torch.Tensor, rate: float, prefix: int = 1) -> torch.Te
     """[b, prefix + L, d] -> [b, prefix + keep, d]: the prefix (class) token and a random
     `keep = max(1, int(L * (1 - rate)))` of the patch tokens of each row; the others are gone
     before the first block, so no block computes them. The ranking noise comes from torch's CPU
-    generator, which the trainer checkpoints and GradCache replays: a step's masks are the same
-    in GradCache's two passes and after a resume, on a GPU as on the CPU."""
+    generator, which the trainer seeds per rank, checkpoints and GradCache replays: a step's masks
+    are the same in GradCache's two passes and after a resume, on a GPU as on the CPU."""
     if rate <= 0.0:
         return tokens
     b, n, d = tokens.shape
@@ -26,7 +26,14 @@ def drop_patches(tokens: torch.Tensor, rate: float, prefix: int = 1) -> torch.Te
 
 class SlipViT(VisionTransformer):
     """`forward(images)` is timm's (no patch dropout: evaluation and export see this);
-    `forward_views` is the training forward of several views."""
+    `forward(views, drops)` is `forward_views`, the training forward of several views. Both go
+    through the module's call: DeepSpeed ZeRO-3 gathers the tower's own parameters (class
+    token, position embedding) only in the hooks of a module that is called."""
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor], drops: list[float] | None = None) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(x, list):
+            return self.forward_views(x, drops if drops is not None else [0.0] * len(x))
+        return super().forward(x)
 
     def tokens(self, images: torch.Tensor, drop: float) -> torch.Tensor:
         """[b, 3, H, W] -> [b, tokens, width] entering the first block (position embedding resampled

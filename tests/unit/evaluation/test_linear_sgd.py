@@ -138,3 +138,37 @@ def test_two_gloo_ranks_train_the_head_one_process_trains(sets: tuple[Path, Path
             assert torch.allclose(got["head"][name], value, atol=1e-6), (rank, name)
         assert got["top1"] == top1 and got["n"] == fit["n_train"] == 36
         assert np.allclose(got["loss"], fit["train_loss"], rtol=1e-6)
+
+
+def _failing_rank(rank: int, world: int, port: int, train: str, out: str) -> None:
+    import evaluation.linear_sgd as sgd
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    if rank == 1:
+        calls = {"n": 0}
+        encode = sgd._encode
+
+        def broken(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > 3:  # the width probe, then two batches
+                raise OSError(5, "Input/output error")
+            return encode(*args, **kwargs)
+
+        sgd._encode = broken
+    try:
+        train_head(MeanColour(), AUG, train, 3, SgdProtocol(epochs=3, batch_size=10, seed=1))
+        Path(f"{out}.{rank}").write_text("finished")
+    except (OSError, RuntimeError) as err:
+        Path(f"{out}.{rank}").write_text(f"{type(err).__name__}: {err}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_stops_every_rank_instead_of_hanging_them(sets: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "rank"
+    spawn_ranks(_failing_rank, 2, (2, free_port(), str(sets[0]), str(out)), timeout_s=120, what="a probe with a failing rank")
+    assert (tmp_path / "rank.1").read_text() == "OSError: [Errno 5] Input/output error"
+    assert (tmp_path / "rank.0").read_text().startswith("RuntimeError: linear probe (sgd): 1 other rank(s) failed at epoch 0")
