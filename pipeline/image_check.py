@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.jpeg_check import OK, REASONS, check_jpeg_file
-from pipeline.skips import MAX_FILE_BYTES, MAX_PIXELS
+from pipeline.skips import MAX_PIXELS
+from pipeline.sources import read_image as read_file
 
 # Reasons, beside jpeg_check's (truncated, bad_marker, ...), in the converter's words where they
 # mean the same (`skips.SKIPPED`): a file of no bytes, one the OS will not read or that is not
@@ -105,14 +106,14 @@ def check_image(data: bytes | np.ndarray) -> str | None:
 
 
 def read_image(path: Path) -> tuple[np.ndarray | None, str | None]:
-    """(uint8 bytes, None) for a file that passes `check_image`, else (None, the reason)."""
+    """(uint8 bytes, None) for a file that passes `check_image`, else (None, the reason). The bytes
+    are read as the converter reads an image file (`sources.read_image`): a file over
+    MAX_FILE_BYTES or one that is not a regular file (a FIFO would never end) is not read at all."""
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:  # not read at all: no image is this large
-            return None, UNREADABLE
-        data = path.read_bytes()
+        data = read_file(str(path))
     except FileNotFoundError:  # a broken link, a file removed since the folder was listed
         return None, MISSING
-    except OSError:  # no permission, a directory with an image's name, an I/O error: this file only
+    except OSError:  # no permission, a directory or FIFO with an image's name, too large, an I/O error: this file only
         return None, UNREADABLE
     reason = check_image(data)
     return (np.frombuffer(data, dtype=np.uint8), None) if reason is None else (None, reason)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.image_check import check_image, read_image
+from pipeline.image_check import UNREADABLE, check_image, read_image
 
 
 def _encoded(fmt: str, seed: int = 0, mode: str = "RGB", size=(37, 52)) -> bytes:
@@ -78,3 +78,11 @@ def test_a_bad_checksum_in_an_ancillary_chunk_passes_as_libpng_decodes_it(monkey
     broken_critical = bytearray(spliced)
     broken_critical[20] ^= 0xFF
     assert check_image(bytes(broken_critical)) == "bad_chunk"
+
+
+def test_a_fifo_named_like_an_image_is_unreadable_at_once(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "0001.jpg"
+    os.mkfifo(fifo)  # opened for reading, it would block until a writer came
+    assert read_image(fifo) == (None, UNREADABLE)

@@ -44,6 +44,18 @@ def test_every_recipe_in_configs_loads() -> None:
         load_config(name)
 
 
+def test_the_fast_recipe_is_the_papers_plus_the_levers_only() -> None:
+    from trainer.levers import check_levers, sizes_at
+
+    paper, fast = load_config("slip_vitb16").to_dict(), load_config("slip_vitb16_fast").to_dict()
+    changed = {(section, key) for section in paper for key in paper[section] if paper[section][key] != fast[section][key]}
+    assert changed == {("augment", "ssl_image_size"), ("augment", "resolution_start"), ("augment", "resolution_ramp"),
+                       ("model", "patch_dropout"), ("schedule", "unmasked_steps"), ("run", "name")}  # fmt: skip
+    cfg = load_config("slip_vitb16_fast")
+    check_levers(cfg)
+    assert [sizes_at(cfg, epoch, 1) for epoch in (0, 2, 11, 20, 24)] == [(160, 96), (160, 96), (192, 128), (224, 160), (224, 160)]
+
+
 def test_recipe_by_path_and_overrides_win(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"optim": {"lr": 0.5}, "data": {"batch_size": 64}}))
