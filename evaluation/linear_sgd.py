@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from evaluation.encoder import ImageEncoder, dali_device, encoder_device, eval_mode, progress
 from pipeline.augment_config import AugmentConfig
-from pipeline.eval_view import Skipped, checked, decode_batches, eval_graph, fed_reader, labelled_images
+from pipeline.eval_view import LabelledImages, Skipped, checked, decode_batches, eval_graph, fed_reader, labelled_images
 from pipeline.probe_view import iter_train_views
 
 
@@ -98,23 +98,22 @@ def _new_head(width: int, classes: int, protocol: SgdProtocol, device: torch.dev
 def train_head(
     encoder: ImageEncoder,
     augment: AugmentConfig,
-    train: str | Path,
-    classes: int,
+    data: LabelledImages,
     protocol: SgdProtocol,
     *,
     chunk: int = 256,
     threads: int = 2,
     crop: str | None = None,
 ) -> tuple[torch.nn.Linear, dict]:
-    """The trained head and {"train_loss": per epoch, "images_per_s", "n_train", "skipped", ...}."""
+    """The head trained on `data` (one output per class) and {"train_loss": per epoch,
+    "images_per_s", "n_train", "skipped", ...}."""
     rank, world = _ranks()
-    data = labelled_images(train)
     samples, labels = data.samples()
     device = encoder_device(encoder)
     size = augment.image_size
     with torch.no_grad(), eval_mode(encoder):
         width = _encode(encoder, torch.zeros(1, 3, size, size), 1, device).shape[-1]  # the pooled feature's width
-    head = _new_head(width, classes, protocol, device)
+    head = _new_head(width, len(data.classes), protocol, device)
     opt = torch.optim.SGD(head.parameters(), lr=protocol.peak_lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
     per_rank = -(-protocol.batch_size // world)
     skipped, losses, seen, busy = Skipped(), [], 0, 0.0
@@ -186,12 +185,11 @@ def _gathered(skipped: Skipped, world: int) -> Skipped:
 
 
 @torch.no_grad()
-def evaluate_head(encoder: ImageEncoder, head: torch.nn.Linear, augment: AugmentConfig, val: str | Path, *, chunk: int = 256,
+def evaluate_head(encoder: ImageEncoder, head: torch.nn.Linear, augment: AugmentConfig, data: LabelledImages, *, chunk: int = 256,
                   threads: int = 2) -> dict:  # fmt: skip
     """Top-1 and top-5 of the head on the validation views (Resize(256) + CenterCrop(224), in proportion
     for other sizes), each rank scoring every world-th image; {"top1", "top5", "n_val", "skipped"}."""
     rank, world = _ranks()
-    data = labelled_images(val)
     samples, labels = data.samples()
     device = encoder_device(encoder)
     mine = samples[rank::world]
@@ -213,7 +211,7 @@ def evaluate_head(encoder: ImageEncoder, head: torch.nn.Linear, augment: Augment
     top1, top5, n = _all_sum(hits, world).tolist()
     skipped = _gathered(skipped, world)
     if n == 0:
-        raise ValueError(f"{val}: no image could be decoded ({', '.join(f'{k}={v}' for k, v in skipped.by_reason.items()) or 'no image files'})")
+        raise ValueError(f"{data.path}: no image could be decoded ({', '.join(f'{k}={v}' for k, v in skipped.by_reason.items()) or 'no image files'})")
     return {"top1": top1 / n, "top5": top5 / n, "n_val": int(n), "skipped": skipped}
 
 
@@ -235,8 +233,8 @@ def linear_probe_sgd(
     train_set, val_set = labelled_images(train), labelled_images(val)
     if train_set.classes != val_set.classes:
         raise ValueError(f"{train} and {val} have different classes")
-    head, fit = train_head(encoder, augment, train, len(train_set.classes), protocol, chunk=batch_size, threads=threads, crop=crop)
-    scores = evaluate_head(encoder, head, augment, val, chunk=batch_size, threads=threads)
+    head, fit = train_head(encoder, augment, train_set, protocol, chunk=batch_size, threads=threads, crop=crop)
+    scores = evaluate_head(encoder, head, augment, val_set, chunk=batch_size, threads=threads)
     skipped = fit.pop("skipped")
     skipped.extend(scores.pop("skipped"))
     return {

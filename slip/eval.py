@@ -103,11 +103,8 @@ def _check_linear(args: argparse.Namespace) -> None:
         raise ValueError("--l2: only with --protocol lbfgs (the SGD protocol has no weight decay)")
     from evaluation.linear_sgd import SgdProtocol
 
-    defaults = SgdProtocol()
-    args.sgd = SgdProtocol(epochs=defaults.epochs if args.epochs is None else args.epochs,
-                           batch_size=defaults.batch_size if args.sgd_batch is None else args.sgd_batch,
-                           base_lr=defaults.base_lr if args.lr is None else args.lr,
-                           seed=defaults.seed if args.seed is None else args.seed)  # fmt: skip
+    given = {"epochs": args.epochs, "batch_size": args.sgd_batch, "base_lr": args.lr, "seed": args.seed}
+    args.sgd = SgdProtocol(**{k: v for k, v in given.items() if v is not None})  # the protocol's defaults for the rest
 
 
 def _linear_sgd(args: argparse.Namespace, model: SlipModel, augment: AugmentConfig, common: dict) -> tuple[dict, str]:

@@ -69,7 +69,7 @@ def test_each_epoch_is_one_momentum_step_of_the_mean_cross_entropy(sets: tuple[P
     train, _ = sets
     protocol = SgdProtocol(epochs=3, batch_size=64, base_lr=8.0, seed=4)  # 36 images: one step per epoch
     encoder = MeanColour()
-    head, fit = train_head(encoder, AUG, train, 3, protocol)
+    head, fit = train_head(encoder, AUG, labelled_images(train), protocol)
 
     # The oracle: the same views, features and head start, and SGD with momentum written out.
     samples, labels = labelled_images(train).samples()
@@ -108,7 +108,7 @@ def test_a_head_that_knows_nothing_scores_chance(sets: tuple[Path, Path]) -> Non
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))  # always "red"
-    r = evaluate_head(MeanColour(), head, AUG, val)
+    r = evaluate_head(MeanColour(), head, AUG, labelled_images(val))
     assert r["top1"] == pytest.approx(1 / 3) and r["n_val"] == 18
 
 
@@ -118,8 +118,8 @@ def _rank(rank: int, world: int, port: int, train: str, val: str, out: str) -> N
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         protocol = SgdProtocol(epochs=2, batch_size=10, base_lr=4.0, seed=7)  # 36 images: 4 steps, the last of 6
-        head, fit = train_head(MeanColour(), AUG, train, 3, protocol)
-        scores = evaluate_head(MeanColour(), head, AUG, val)
+        head, fit = train_head(MeanColour(), AUG, labelled_images(train), protocol)
+        scores = evaluate_head(MeanColour(), head, AUG, labelled_images(val))
         torch.save({"head": head.state_dict(), "loss": fit["train_loss"], "top1": scores["top1"], "n": fit["n_train"]}, f"{out}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
@@ -130,8 +130,8 @@ def test_two_gloo_ranks_train_the_head_one_process_trains(sets: tuple[Path, Path
     train, val = sets
     out = tmp_path / "rank"
     spawn_ranks(_rank, 2, (2, free_port(), str(train), str(val), str(out)), timeout_s=300, what="two-rank SGD probe")
-    head, fit = train_head(MeanColour(), AUG, train, 3, SgdProtocol(epochs=2, batch_size=10, base_lr=4.0, seed=7))
-    top1 = evaluate_head(MeanColour(), head, AUG, val)["top1"]
+    head, fit = train_head(MeanColour(), AUG, labelled_images(train), SgdProtocol(epochs=2, batch_size=10, base_lr=4.0, seed=7))
+    top1 = evaluate_head(MeanColour(), head, AUG, labelled_images(val))["top1"]
     for rank in range(2):
         got = torch.load(f"{out}.{rank}", weights_only=True)
         for name, value in head.state_dict().items():
@@ -158,7 +158,7 @@ def _failing_rank(rank: int, world: int, port: int, train: str, out: str) -> Non
 
         sgd._encode = broken
     try:
-        train_head(MeanColour(), AUG, train, 3, SgdProtocol(epochs=3, batch_size=10, seed=1))
+        train_head(MeanColour(), AUG, labelled_images(train), SgdProtocol(epochs=3, batch_size=10, seed=1))
         Path(f"{out}.{rank}").write_text("finished")
     except (OSError, RuntimeError) as err:
         Path(f"{out}.{rank}").write_text(f"{type(err).__name__}: {err}")
